@@ -1,0 +1,106 @@
+"""The PolicyBackend seam: one parallel layout of the policy's parameters and optimizer.
+
+The trainer only orchestrates; a backend owns the model, the optimizer, the reference model,
+the update math's execution (micro-batching, gradient sync) and the switch into the inference
+layout for rollouts (``generation_mode``, the hybrid engine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from fastgrpo.rollout.base import TargetRunner
+
+
+@dataclass
+class PolicyBatch:
+    """Prompt + response rows, right-padded. ``loss_mask[n, s]`` is True where token s is a
+    response token (predicted from position s-1)."""
+
+    input_ids: torch.Tensor  # [N, S] long
+    attention_mask: torch.Tensor  # [N, S] bool
+    loss_mask: torch.Tensor  # [N, S] bool
+    advantages: Optional[torch.Tensor] = None  # [N] (GRPO); None for SFT
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, idx: slice | torch.Tensor) -> "PolicyBatch":
+        adv = None if self.advantages is None else self.advantages[idx]
+        return PolicyBatch(self.input_ids[idx], self.attention_mask[idx], self.loss_mask[idx], adv)
+
+    def trimmed(self) -> "PolicyBatch":
+        """Drop trailing all-padding columns (micro-batches are often shorter than the batch)."""
+        width = int(self.attention_mask.any(0).nonzero().max()) + 1
+        adv = self.advantages
+        return PolicyBatch(self.input_ids[:, :width], self.attention_mask[:, :width], self.loss_mask[:, :width], adv)
+
+    def to(self, device) -> "PolicyBatch":
+        adv = None if self.advantages is None else self.advantages.to(device)
+        return PolicyBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device), adv)
+
+
+def build_policy_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                       advantages: Optional[torch.Tensor] = None) -> PolicyBatch:
+    n = len(prompts)
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attn = torch.zeros(n, width, dtype=torch.bool)
+    loss = torch.zeros(n, width, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, : len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        attn[i, : len(p) + len(r)] = True
+        loss[i, len(p): len(p) + len(r)] = True
+    return PolicyBatch(ids, attn, loss, advantages)
+
+
+class PolicyBackend(ABC):
+    """See DESIGN.md section 2. Implementations: ``torch`` (one process or DDP), ``deepspeed``,
+    ``megatron``."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @abstractmethod
+    def train_step(self, batch: PolicyBatch) -> dict[str, float]:
+        """One GRPO update on this rank's rows; returns metrics (already reduced over ranks)."""
+
+    @abstractmethod
+    def sft_step(self, batch: PolicyBatch, lr: Optional[float] = None) -> dict[str, float]:
+        """One supervised step (cold-start warm-up): mean token NLL on loss_mask."""
+
+    @abstractmethod
+    def target_runner(self, max_batch: int, max_len: int) -> TargetRunner:
+        """A TargetRunner over the policy in its inference layout (valid inside generation_mode)."""
+
+    @contextlib.contextmanager
+    def generation_mode(self) -> Iterator[None]:
+        """Switch the policy to its inference layout for rollouts; restore on exit."""
+        yield
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer, scheduler and anything else besides the HF weights."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def save_hf(self, path: Path) -> None:
+        """Write an HF checkpoint (weights + config + tokenizer) loadable by from_pretrained."""
+
+    @abstractmethod
+    def load_hf_weights(self, path: Path) -> None:
+        """Load policy weights from an HF folder written by ``save_hf``."""
+
+    @property
+    @abstractmethod
+    def model(self) -> torch.nn.Module:
+        """The unwrapped HF model (for fingerprints, evaluation)."""

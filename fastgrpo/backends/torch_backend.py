@@ -1,0 +1,269 @@
+"""The ``torch`` PolicyBackend: one process, or DDP under torchrun (gloo on CPU, nccl on CUDA)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fastgrpo import distributed as dist_utils
+from fastgrpo.algo import grpo_loss, token_logprobs
+from fastgrpo.backends.base import PolicyBackend, PolicyBatch
+from fastgrpo.config import AlgoConfig, OptimConfig
+from fastgrpo.rollout.hf_runner import HFTargetRunner
+
+TREE_ATTN = ("sdpa", "eager")  # implementations that take an arbitrary 4-D mask
+
+
+def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "cosine":
+            span = max(total_steps - cfg.warmup_steps, 1)
+            progress = min((step - cfg.warmup_steps) / span, 1.0)
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.schedule != "constant":
+            raise ValueError(f"optim.schedule must be constant or cosine, got {cfg.schedule!r}")
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def response_logprobs(model, batch: PolicyBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs [N, S-1] of input_ids[:, 1:] (aligned with loss_mask[:, 1:])."""
+    ids, attn = batch.input_ids, batch.attention_mask
+    # Right padding with explicit positions: pads sit after the real tokens and are masked out.
+    logits = model(input_ids=ids, attention_mask=attn.long(), use_cache=False).logits
+    return token_logprobs(logits[:, :-1], ids[:, 1:], temperature)
+
+
+class TorchBackend(PolicyBackend):
+    def __init__(self, model: torch.nn.Module, tokenizer, algo: AlgoConfig, optim: OptimConfig,
+                 total_steps: int, temperature: float = 1.0, max_response_len: Optional[int] = None):
+        self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
+        self._model = model
+        self.tokenizer = tokenizer
+        self.algo, self.optim_cfg = algo, optim
+        self.temperature = temperature
+        self.max_response_len = max_response_len
+        self.device = next(model.parameters()).device
+        model.train()
+        self.ddp = None
+        if dist_utils.is_initialized():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(model, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
+                                           weight_decay=optim.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
+        self.reference: Optional[torch.nn.Module] = None
+        if algo.kl_beta != 0:
+            self.reset_reference()
+        self.train_attn = model.config._attn_implementation
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def _forward_model(self):
+        return self.ddp if self.ddp is not None else self._model
+
+    # ---- reference model -------------------------------------------------------------------
+    def reset_reference(self) -> None:
+        """Freeze a copy of the current policy as the KL reference (after the SFT warm-up)."""
+        if self.algo.kl_beta == 0:
+            return
+        self.reference = copy.deepcopy(self._model).eval().requires_grad_(False)
+
+    def load_reference(self, path: Path) -> None:
+        if self.algo.kl_beta == 0:
+            return
+        if self.reference is None:
+            self.reference = copy.deepcopy(self._model).eval().requires_grad_(False)
+        self.reference.load_state_dict(_read_safetensors(path), strict=False)
+
+    # ---- updates ---------------------------------------------------------------------------
+    def _micro_batches(self, batch: PolicyBatch) -> list[PolicyBatch]:
+        mb = max(1, self.algo.micro_batch_size)
+        return [batch.rows(slice(i, i + mb)).trimmed() for i in range(0, batch.size, mb)]
+
+    def _apply_gradients(self) -> tuple[float, bool]:
+        params = [p for p in self._model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip or float("inf"))
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm), finite
+
+    def train_step(self, batch: PolicyBatch) -> dict[str, float]:
+        batch = batch.to(self.device)
+        n_updates = max(1, self.algo.updates_per_batch)
+        # One optimizer step per rollout batch (the default) is strictly on-policy: the old
+        # log-probs equal the current ones, so no extra forward is spent on them.
+        old = self._logprobs_no_grad(self._model, batch) if n_updates > 1 else None
+        ref = self._logprobs_no_grad(self.reference, batch) if self.reference is not None else None
+        per_update = math.ceil(batch.size / n_updates)
+        totals: dict[str, float] = {}
+        skipped = 0
+        for u in range(n_updates):
+            rows = slice(u * per_update, (u + 1) * per_update)
+            m = self._update(batch.rows(rows), None if old is None else old[rows],
+                             None if ref is None else ref[rows])
+            skipped += int(m.pop("nonfinite"))
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + v / n_updates
+        self.scheduler.step()
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        totals = dist_utils.mean_metrics(totals)
+        totals["nonfinite_updates"] = float(skipped)
+        return totals
+
+    def _logprobs_no_grad(self, model, batch: PolicyBatch) -> torch.Tensor:
+        with torch.no_grad():
+            outs = []
+            for i in range(0, batch.size, max(1, self.algo.micro_batch_size)):
+                mb = batch.rows(slice(i, i + self.algo.micro_batch_size))
+                outs.append(response_logprobs(model, mb, self.temperature))
+            return torch.cat(outs)
+
+    def _update(self, batch: PolicyBatch, old: Optional[torch.Tensor], ref: Optional[torch.Tensor]):
+        mask_all = batch.loss_mask[:, 1:]
+        # Normalise by the global batch so that micro-batch and rank contributions sum to the
+        # full-batch loss; DDP averages gradients, hence the world_size factor.
+        num_tokens = float(dist_utils.all_reduce_sum(mask_all.sum().double().cpu()))
+        num_seqs = float(batch.size * self.world_size)
+        # Dr. GRPO divides by a constant length: the generation budget, else the batch width
+        # (never a micro-batch's own width, which would change the weighting).
+        max_len = self.max_response_len or mask_all.shape[1]
+        metrics: dict[str, float] = {}
+        loss_total = 0.0
+        micro = self._micro_batches(batch)
+        offset = 0
+        for j, mb in enumerate(micro):
+            width = mb.input_ids.shape[1] - 1
+            sl = slice(offset, offset + mb.size)
+            offset += mb.size
+            sync = j == len(micro) - 1
+            ctx = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
+            with ctx:
+                logp = response_logprobs(self._forward_model, mb, self.temperature)
+                loss, m = grpo_loss(
+                    logp, None if old is None else old[sl, :width], None if ref is None else ref[sl, :width],
+                    mb.advantages, mb.loss_mask[:, 1:],
+                    eps_low=self.algo.clip_eps_low, eps_high=self.algo.clip_eps_high,
+                    kl_beta=self.algo.kl_beta, kl_estimator=self.algo.kl_estimator,
+                    loss_agg=self.algo.loss_agg, max_len=max_len,
+                    num_tokens=num_tokens, num_seqs=num_seqs,
+                )
+                (loss * self.world_size).backward()
+            loss_total += loss.item()
+            w = m["num_tokens"] / max(float(mask_all.sum()), 1.0)
+            for k in ("kl", "clip_frac", "ratio_mean"):
+                metrics[k] = metrics.get(k, 0.0) + m[k] * w
+            metrics["pg_loss"] = metrics.get("pg_loss", 0.0) + m["pg_loss"]
+        loss_total = float(dist_utils.all_reduce_sum(torch.tensor(loss_total, dtype=torch.float64)))
+        nonfinite = not math.isfinite(loss_total)
+        if nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = float("nan")
+        else:
+            grad_norm, finite = self._apply_gradients()
+            nonfinite = not finite
+        metrics.update(loss=loss_total, grad_norm=grad_norm, nonfinite=float(nonfinite))
+        return metrics
+
+    def sft_step(self, batch: PolicyBatch, lr: Optional[float] = None) -> dict[str, float]:
+        batch = batch.to(self.device)
+        if lr is not None:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+        mask_all = batch.loss_mask[:, 1:]
+        num_tokens = float(dist_utils.all_reduce_sum(mask_all.sum().double().cpu()))
+        total = 0.0
+        micro = self._micro_batches(batch)
+        for j, mb in enumerate(micro):
+            sync = j == len(micro) - 1
+            ctx = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
+            with ctx:
+                logp = response_logprobs(self._forward_model, mb)
+                loss = -(logp * mb.loss_mask[:, 1:]).sum() / max(num_tokens, 1.0)
+                (loss * self.world_size).backward()
+            total += loss.item()
+        grad_norm, _ = self._apply_gradients()
+        total = float(dist_utils.all_reduce_sum(torch.tensor(total, dtype=torch.float64)))
+        return {"sft_loss": total, "grad_norm": grad_norm}
+
+    def restore_lr(self) -> None:
+        """Back to the scheduled GRPO learning rate after the warm-up changed it."""
+        for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            g["lr"] = lr
+
+    def reset_optimizer(self) -> None:
+        """Fresh optimizer moments for GRPO (the warm-up's Adam state is not carried over)."""
+        self.optimizer.state.clear()
+        self.restore_lr()
+
+    # ---- generation ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def generation_mode(self) -> Iterator[None]:
+        model = self._model
+        model.eval()
+        # Tree verification needs an arbitrary mask: flash-attn 2 (training) cannot take one.
+        switched = self.train_attn not in TREE_ATTN
+        if switched:
+            model.set_attn_implementation("sdpa")
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            if switched:
+                model.set_attn_implementation(self.train_attn)
+            model.train()
+
+    def target_runner(self, max_batch: int, max_len: int) -> HFTargetRunner:
+        return HFTargetRunner(self._model, max_batch, max_len)
+
+    # ---- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def save_hf(self, path: Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one tiny shard: a bar per checkpoint is noise
+        self._model.save_pretrained(Path(path))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+
+    def load_hf_weights(self, path: Path) -> None:
+        missing, unexpected = self._model.load_state_dict(_read_safetensors(path), strict=False)
+        real_missing = [k for k in missing if not _is_tied(self._model, k)]
+        if real_missing or unexpected:
+            raise ValueError(f"weights in {path} do not match the policy: missing {real_missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+
+
+def _is_tied(model, key: str) -> bool:
+    return key.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state

@@ -1,0 +1,171 @@
+"""Typed configuration: one dataclass per concern.
+
+Hydra composes the YAML files under ``configs/`` on top of these schemas (registered in
+``fastgrpo.cli.train``), so an unknown key or a wrong type fails at start-up and names the key.
+Library code receives these dataclasses (``OmegaConf.to_object``), never raw dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    # A preset name ("tiny", "small": built from a config, own tokenizer) or a local HF folder.
+    path: str = "tiny"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    # auto: flash_attention_2 on CUDA when flash-attn is installed (training, plain decoding),
+    # sdpa otherwise. Tree verification always uses sdpa/eager (it needs an arbitrary mask).
+    attn_implementation: str = "auto"
+    # Where presets cache their tokenizer/initial weights; relative to the working folder.
+    preset_cache_dir: str = ".cache/fastgrpo/presets"
+    seed: int = 0  # initialisation seed for presets
+
+
+@dataclass
+class SyntheticTaskConfig:
+    num_train: int = 4000
+    num_test: int = 200
+    seed: int = 1234
+    min_steps: int = 1
+    max_steps: int = 8
+    # Probability of adding one more step: a geometric tail gives the long tail of response
+    # lengths that makes concurrency fall during a rollout.
+    continue_prob: float = 0.55
+    max_operand: int = 9
+    max_value: int = 99
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"  # synthetic | gsm8k | prompt_answer (DAPO-Math, SimpleRL-Abel style)
+    train_path: Optional[str] = None  # .jsonl or .parquet
+    test_path: Optional[str] = None
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    # gsm8k: the answer field holds a solution ending in "#### N"; prompt_answer: the final answer.
+    use_chat_template: bool = True
+    system_prompt: Optional[str] = None
+    prompt_suffix: str = ""  # e.g. " Let's think step by step and output the final answer after ####."
+    max_prompt_tokens: int = 128
+    long_prompt_policy: str = "skip"  # skip (count and log) | error
+    test_size: int = 200  # held-out prompts used for evaluation (from test_path or the split)
+    shuffle_seed: int = 0
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+
+
+@dataclass
+class RolloutConfig:
+    mode: str = "ar"  # ar | static | fastgrpo  (speculative modes: see fastgrpo/rollout)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = off
+    eval_temperature: float = 0.0  # greedy held-out evaluation
+    max_batch_size: int = 256  # rows the KV cache is allocated for
+    c_peak: Optional[int] = None  # tokens per forward at the hardware knee; None = profile/cached
+
+
+@dataclass
+class AlgoConfig:
+    group_size: int = 8  # G samples per prompt
+    prompts_per_step: int = 4
+    clip_eps_low: float = 0.1
+    clip_eps_high: float = 0.1  # > clip_eps_low gives DAPO clip-higher
+    kl_beta: float = 0.04  # 0 builds no reference model
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    loss_agg: str = "token_mean"  # token_mean | seq_mean | dr_grpo
+    std_normalize: bool = True
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal
+    updates_per_batch: int = 1  # optimizer steps per rollout batch (1 = strictly on-policy)
+    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation)
+
+
+@dataclass
+class RewardFnConfig:
+    name: str = "accuracy"  # a registered name or "module:function"
+    weight: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    functions: list[RewardFnConfig] = field(
+        default_factory=lambda: [RewardFnConfig("accuracy", 1.0), RewardFnConfig("format", 0.2)]
+    )
+    timeout_s: float = 5.0  # per verification; math-verify can hang on pathological strings
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+
+
+@dataclass
+class BackendConfig:
+    name: str = "torch"  # torch | deepspeed | megatron
+    ddp_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    # Extra options for other backends (DeepSpeed JSON, Megatron TP/PP); see their issues.
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WarmupConfig:
+    """Cold-start SFT on reference solutions, so a tiny model starts with non-zero reward."""
+
+    enabled: bool = False
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 3e-3
+    max_tokens: int = 256
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 100
+    eval_every: int = 0  # 0 = only before and after GRPO
+    eval_size: int = 200
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    max_nonfinite_in_a_row: int = 3
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2
+    resume: str = "none"  # none | auto | <path to a checkpoint folder>
+    dir: Optional[str] = None  # default: <output_dir>/checkpoints
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    uri: Optional[str] = None
+    artifact_location: Optional[str] = None  # default: <cwd>/mlartifacts
+    experiment: str = "fastgrpo"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class FastGRPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)

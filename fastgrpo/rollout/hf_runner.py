@@ -1,0 +1,170 @@
+"""TargetRunner for Hugging Face causal LMs: a preallocated KV cache with per-row offsets.
+
+Why per-row offsets (DESIGN.md 3b) rather than the "holes" layout: rows accept different numbers
+of tokens each step; with holes every row grows by the batch maximum and attention work follows
+the worst row. Here each row has its own length; new tokens are scattered at ``len[b] + node``;
+after acceptance the accepted nodes are gathered into ``len[b] .. len[b]+a[b]-1``. The model is
+driven only through its public forward (a 4-D additive mask, explicit position ids, a ``Cache``).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class RaggedKVCache(Cache):
+    """Per layer K/V buffers [B, kv_heads, S_max, head_dim] plus a length per row.
+
+    The runner sets ``write_pos`` [B, T] (where this forward's tokens go) and ``view_len`` (how
+    many leading slots attention reads) before each forward.
+    """
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device):
+        # Bypass Cache.__init__'s layer machinery: this cache is driven only through `update`.
+        self.layers = []
+        self.layer_class_to_replicate = None
+        self.offloading = False
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.num_rows = 0
+        self.max_len = max_len
+        self.write_pos: torch.Tensor | None = None
+        self.view_len = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.lengths[: self.num_rows].max()) if self.num_rows else 0
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        n, t = key_states.shape[0], key_states.shape[2]
+        rows = torch.arange(n, device=key_states.device).unsqueeze(1).expand(n, t)
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        # Advanced indices around a slice put the indexed dims first: [n, t, heads, d].
+        k[rows, :, self.write_pos] = key_states.transpose(1, 2)
+        v[rows, :, self.write_pos] = value_states.transpose(1, 2)
+        return k[:n, :, : self.view_len], v[:n, :, : self.view_len]
+
+    def commit(self, keep: torch.Tensor, num_keep: torch.Tensor) -> None:
+        """Move the accepted nodes' K/V (at lengths + keep) to lengths + 0..n-1 and grow lengths."""
+        n, width = keep.shape
+        lengths = self.lengths[:n]
+        src = lengths.unsqueeze(1) + keep.clamp(min=0)
+        dst = lengths.unsqueeze(1) + torch.arange(width, device=keep.device)
+        valid = torch.arange(width, device=keep.device).unsqueeze(0) < num_keep.unsqueeze(1)
+        if not bool((src == dst)[valid].all()):  # AR steps and chain prefixes need no copy
+            rows = torch.arange(n, device=keep.device).unsqueeze(1).expand(n, width)
+            # Invalid slots copy onto themselves past the new length, where nothing reads them.
+            src = torch.where(valid, src, dst)
+            for buf in (*self.keys, *self.values):
+                buf[rows, :, dst] = buf[rows, :, src]
+        self.lengths[:n] += num_keep
+
+    def drop_rows(self, rows: torch.Tensor) -> None:
+        keep = torch.ones(self.num_rows, dtype=torch.bool, device=self.lengths.device)
+        keep[rows] = False
+        idx = keep.nonzero().squeeze(1)
+        m = idx.numel()
+        # Compact into the leading rows; attention never reads rows >= num_rows.
+        for buf in (*self.keys, *self.values):
+            buf[:m] = buf[idx]
+        self.lengths[:m] = self.lengths[idx]
+        self.lengths[m:] = 0
+        self.num_rows = m
+
+
+class HFTargetRunner:
+    """Drives a transformers causal LM (any model whose forward takes ``cache``, a 4-D mask dict
+    and ``position_ids``: Qwen2/2.5/3, Llama 3 families) over a ragged, tree-shaped batch."""
+
+    def __init__(self, model: torch.nn.Module, max_batch: int, max_len: int):
+        self.model = model
+        cfg = model.config
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        self.cache = RaggedKVCache(cfg.num_hidden_layers, max_batch, cfg.num_key_value_heads,
+                                   head_dim, max_len, p.dtype, p.device)
+        self.max_batch, self.max_len = max_batch, max_len
+        self.layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+
+    @property
+    def num_rows(self) -> int:
+        return self.cache.num_rows
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cache.lengths[: self.cache.num_rows]
+
+    def _run(self, tokens, positions, mask_bool, write_pos, view_len):
+        mask = torch.zeros(mask_bool.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~mask_bool, torch.finfo(self.dtype).min)
+        mask = mask.unsqueeze(1)  # [B, 1, T, view_len]
+        self.cache.write_pos, self.cache.view_len = write_pos, view_len
+        out = self.decoder(
+            input_ids=tokens,
+            position_ids=positions,
+            attention_mask={t: mask for t in self.layer_types},
+            cache=self.cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        b = len(prompts)
+        if b > self.max_batch:
+            raise ValueError(f"{b} rows exceed the runner's max_batch={self.max_batch}")
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        width = int(lens.max())
+        if width >= self.max_len:
+            raise ValueError(f"prompt of {width} tokens does not fit max_len={self.max_len}")
+        tokens = torch.zeros(b, width, dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        pos = torch.arange(width, device=self.device)
+        # Right padding: row b attends causally to its own first lens[b] tokens. Pad queries see
+        # column 0 only (their outputs are discarded) so no softmax row is empty.
+        causal = pos.unsqueeze(0) <= pos.unsqueeze(1)
+        valid_col = pos.unsqueeze(0) < lens.unsqueeze(1)
+        mask = causal.unsqueeze(0) & valid_col.unsqueeze(1)
+        mask[:, :, 0] = True
+        self.cache.num_rows = b
+        self.cache.lengths.zero_()
+        hidden = self._run(tokens, pos.expand(b, width), mask, pos.expand(b, width), width)
+        self.cache.lengths[:b] = lens
+        last = hidden[torch.arange(b, device=self.device), lens - 1]
+        return self.lm_head(last).float(), last
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, depths: torch.Tensor, tree_mask: torch.Tensor):
+        b, t = tokens.shape
+        lengths = self.lengths
+        if int(lengths.max()) + t > self.max_len:
+            raise ValueError(f"KV cache of max_len={self.max_len} is full")
+        view_len = int(lengths.max()) + t
+        cols = torch.arange(view_len, device=self.device)
+        prefix = (cols.unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(1).expand(b, t, view_len)
+        write_pos = lengths.unsqueeze(1) + torch.arange(t, device=self.device)
+        tree = torch.zeros(b, t, view_len, dtype=torch.bool, device=self.device)
+        tree.scatter_(2, write_pos.unsqueeze(1).expand(b, t, t), tree_mask)
+        hidden = self._run(tokens, lengths.unsqueeze(1) + depths, prefix | tree, write_pos, view_len)
+        return self.lm_head(hidden).float(), hidden
+
+    def commit(self, keep: torch.Tensor, num_keep: torch.Tensor) -> None:
+        self.cache.commit(keep, num_keep)
+
+    def drop_rows(self, rows: torch.Tensor) -> None:
+        self.cache.drop_rows(rows)
+
+    def release(self) -> None:
+        self.cache.keys.clear()
+        self.cache.values.clear()
+        self.cache.num_rows = 0

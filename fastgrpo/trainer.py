@@ -1,0 +1,314 @@
+"""The GRPO loop. Orchestration only: the math is in fastgrpo.algo, the parallel layout in the
+backend, decoding in fastgrpo.rollout. Read ``run`` and ``train_step`` top to bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fastgrpo import distributed as dist_utils
+from fastgrpo.algo import dynamic_sampling_keep, group_advantages
+from fastgrpo.backends import build_backend, build_policy_batch
+from fastgrpo.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
+from fastgrpo.config import FastGRPOConfig
+from fastgrpo.data import PromptLoader, build_datasets
+from fastgrpo.models import load_policy, model_fingerprint
+from fastgrpo.plots import plot_training_curves
+from fastgrpo.progress import StepProgress
+from fastgrpo.rewards import RewardScorer, get_reward_fn
+from fastgrpo.rollout import Generator, SamplingParams
+from fastgrpo.tracking import Tracker, flatten_config
+
+log = logging.getLogger("fastgrpo")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(spec)
+
+
+def stop_token_ids(tokenizer, model) -> tuple[int, ...]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: FastGRPOConfig):
+        self.cfg = cfg
+        dist_utils.init_from_env(cfg.backend.ddp_backend)
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.device = pick_device(cfg.trainer.device)
+        self.out_dir = Path(cfg.trainer.output_dir)
+        torch.manual_seed(cfg.trainer.seed)
+
+        self.model, self.tokenizer = load_policy(cfg.model, self.device)
+        self.train_set, self.test_set = build_datasets(cfg.data, self.tokenizer)
+        algo = cfg.algo
+        if algo.prompts_per_step % self.world:
+            raise ValueError(f"algo.prompts_per_step={algo.prompts_per_step} must be divisible by the "
+                             f"number of data-parallel ranks ({self.world})")
+        # Every rank walks the same global order and takes its own slice: all G samples of a
+        # prompt stay on one rank, so advantages never need a cross-rank group.
+        self.loader = PromptLoader(self.train_set, algo.prompts_per_step, seed=cfg.data.shuffle_seed)
+        self.backend = build_backend(
+            cfg.backend.name, model=self.model, tokenizer=self.tokenizer, algo=algo, optim=cfg.optim,
+            total_steps=cfg.trainer.steps, temperature=cfg.rollout.temperature,
+            max_response_len=cfg.rollout.max_new_tokens,
+        )
+        self.generator = Generator(self.backend.target_runner, mode=cfg.rollout.mode)
+        self.scorer = RewardScorer(cfg.reward)
+        self.accuracy_fn = get_reward_fn("accuracy")
+        stops = stop_token_ids(self.tokenizer, self.model)
+        r = cfg.rollout
+        self.sampling = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, stops)
+        self.eval_sampling = SamplingParams(r.eval_temperature, 1.0, 0, r.max_new_tokens, stops)
+        self.sample_rng = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + self.rank)
+
+        self.ckpt = CheckpointManager(Path(cfg.checkpoint.dir or self.out_dir / "checkpoints"),
+                                      cfg.checkpoint.keep_last)
+        self.fingerprint = model_fingerprint(self.model)
+        self.step = 0
+        self._saved_step: Optional[int] = None
+        self.history: list[dict] = []
+        self.state: dict = {"accuracy_before_grpo": None, "warmup_done": False, "reference": None,
+                            "nonfinite_in_a_row": 0, "nonfinite_total": 0,
+                            "time": {"generation": 0.0, "reward": 0.0, "update": 0.0, "draft": 0.0,
+                                     "warmup": 0.0, "eval": 0.0}}
+
+    # ---- the loop --------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        resume_from = resolve_resume(cfg.checkpoint.resume, self.ckpt.dir)
+        if resume_from is None and self.ckpt.latest() is not None:
+            raise TrainingError(
+                f"{self.ckpt.dir} already holds checkpoints of another run; pass checkpoint.resume=auto "
+                f"to continue it or choose a new trainer.output_dir (nothing was overwritten)")
+        tracker = Tracker.from_config(cfg.tracking, self.out_dir, rank=self.rank)
+        with tracker:
+            tracker.start(cfg.tracking.run_name or self.out_dir.name, flatten_config(cfg))
+            if resume_from is not None:
+                self._resume(resume_from)
+            else:
+                self._prepare_reference()
+            if self.state["accuracy_before_grpo"] is None:
+                self.state["accuracy_before_grpo"] = self._timed("eval", self.evaluate)
+                self._say(f"held-out accuracy after warm-up (before GRPO): "
+                          f"{self.state['accuracy_before_grpo']:.3f}")
+            with StepProgress(cfg.trainer.steps, self.step, enabled=cfg.trainer.progress and self.rank == 0) as bar:
+                while self.step < cfg.trainer.steps:
+                    metrics = self.train_step()
+                    self.step += 1
+                    if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 \
+                            and self.step < cfg.trainer.steps:
+                        metrics["eval/accuracy"] = self._timed("eval", self.evaluate)
+                    self.history.append({"step": self.step, **metrics})
+                    tracker.log_metrics(metrics, step=self.step)
+                    bar.update(self.step, metrics)
+                    if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                        self.save_checkpoint()
+            acc_after = self._timed("eval", self.evaluate)
+            self.history.append({"step": self.step, "eval/accuracy": acc_after})
+            tracker.log_metrics({"eval/accuracy": acc_after}, step=self.step)
+            self._say(f"held-out accuracy after GRPO: {acc_after:.3f} "
+                      f"(before: {self.state['accuracy_before_grpo']:.3f})")
+            if self._saved_step != self.step:
+                self.save_checkpoint()
+            summary = self._write_summary(acc_after, time.perf_counter() - t_start)
+            if self.rank == 0:
+                png = plot_training_curves(self.history, self.out_dir / "training_curves.png")
+                tracker.log_artifact(png)
+                tracker.log_dict(summary, "summary.json")
+                tracker.log_dict(asdict(cfg), "resolved_config.json")
+        dist_utils.barrier()
+        return summary
+
+    def train_step(self) -> dict[str, float]:
+        cfg, algo = self.cfg, self.cfg.algo
+        t0 = time.perf_counter()
+        items = self.loader.next_batch()[self.rank::self.world]
+        prompts = [it.prompt_ids for it in items for _ in range(algo.group_size)]
+        answers = [it.answer for it in items for _ in range(algo.group_size)]
+
+        with self.backend.generation_mode():
+            rollouts = self.generator.generate(prompts, self.sampling, self.sample_rng)
+        t_gen = time.perf_counter()
+
+        texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
+        rewards, parts = self.scorer.score(texts, answers)
+        advantages = group_advantages(rewards, algo.group_size, algo.std_normalize)
+        keep = dynamic_sampling_keep(rewards, algo.group_size) if algo.dynamic_sampling \
+            else torch.ones(len(prompts), dtype=torch.bool)
+        t_reward = time.perf_counter()
+
+        update: dict[str, float] = {}
+        if keep.any():
+            idx = keep.nonzero().squeeze(1).tolist()
+            batch = build_policy_batch([prompts[i] for i in idx], [rollouts.response_ids[i] for i in idx],
+                                       self.tokenizer.pad_token_id, advantages[keep])
+            update = self.backend.train_step(batch)
+            self._check_finite(update)
+        t_update = time.perf_counter()
+
+        times = {"generation": t_gen - t0, "reward": t_reward - t_gen, "update": t_update - t_reward,
+                 "draft": 0.0}
+        for k, v in times.items():
+            self.state["time"][k] += v
+        step_time = t_update - t0
+        local = {
+            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+            **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
+            **rollouts.summary(),
+            "data/kept_frac": float(keep.float().mean()),
+        }
+        metrics = dist_utils.mean_metrics(local)
+        metrics.update({f"train/{k}": v for k, v in update.items()})
+        metrics.update({f"time/{k}_s": v for k, v in times.items()})
+        metrics["time/step_s"] = step_time
+        metrics["time/generation_share"] = times["generation"] / max(step_time, 1e-9)
+        return metrics
+
+    # ---- pieces ----------------------------------------------------------------------------
+    def evaluate(self) -> float:
+        """Greedy held-out accuracy (fraction of test prompts whose answer verifies)."""
+        n = min(self.cfg.trainer.eval_size, len(self.test_set))
+        items = [self.test_set[i] for i in range(n)][self.rank::self.world]
+        with self.backend.generation_mode():
+            out = self.generator.generate([it.prompt_ids for it in items], self.eval_sampling)
+        texts = self.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
+        correct = sum(self.accuracy_fn(t, it.answer) for t, it in zip(texts, items))
+        total = dist_utils.all_reduce_sum(torch.tensor([float(correct), float(len(items))], dtype=torch.float64))
+        return float(total[0] / max(total[1], 1.0))
+
+    def warmup(self) -> None:
+        """Cold-start SFT on reference solutions so a tiny model starts with non-zero reward."""
+        from fastgrpo.sft import run_warmup
+
+        self._timed("warmup", lambda: run_warmup(self.backend, self.train_set, self.tokenizer,
+                                                 self.cfg.warmup, self.rank, self.world, self._say))
+
+    def _prepare_reference(self) -> None:
+        if self.cfg.warmup.enabled:
+            self.warmup()
+            self.backend.reset_optimizer()
+        self.state["warmup_done"] = True
+        self.backend.reset_reference()
+        # The reference is the policy at the start of GRPO: after an in-run warm-up it exists
+        # nowhere else, so it is written once and named in every checkpoint by path and step.
+        if self.cfg.algo.kl_beta != 0 and self.cfg.warmup.enabled:
+            ref_dir = self.out_dir / "reference"
+            if self.rank == 0:
+                tmp = self.out_dir / ".reference.tmp"
+                self.backend.save_hf(tmp)
+                if ref_dir.exists():
+                    import shutil
+
+                    shutil.rmtree(ref_dir)
+                tmp.rename(ref_dir)
+            dist_utils.barrier()
+            self.state["reference"] = str(ref_dir.resolve())
+        elif self.cfg.algo.kl_beta != 0:
+            self.state["reference"] = self.cfg.model.path
+
+    def _check_finite(self, update: dict[str, float]) -> None:
+        if update.get("nonfinite_updates", 0) > 0:
+            self.state["nonfinite_in_a_row"] += 1
+            self.state["nonfinite_total"] += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                        self.step + 1, self.state["nonfinite_in_a_row"])
+            if self.state["nonfinite_in_a_row"] >= self.cfg.trainer.max_nonfinite_in_a_row:
+                raise TrainingError(
+                    f"{self.state['nonfinite_in_a_row']} non-finite updates in a row (limit "
+                    f"trainer.max_nonfinite_in_a_row={self.cfg.trainer.max_nonfinite_in_a_row}); stopping")
+        else:
+            self.state["nonfinite_in_a_row"] = 0
+        update["nonfinite_total"] = float(self.state["nonfinite_total"])
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self) -> Optional[Path]:
+        state = {
+            "step": self.step,
+            "backend": self.backend.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": capture_rng_state({"sample": self.sample_rng}),
+            "trainer": json.dumps(self.state),
+            "history": json.dumps(self.history),
+        }
+        if self.world > 1:  # each rank keeps its own sampling stream
+            state["rng_per_rank"] = dist_utils.all_gather_objects(state["rng"])
+        path = None
+        if self.rank == 0:
+            path = self.ckpt.save(self.step, self.backend.save_hf, state, self.fingerprint)
+        dist_utils.barrier()
+        self._saved_step = self.step
+        return path
+
+    def _resume(self, path: Path) -> None:
+        state = self.ckpt.load(path, self.fingerprint)
+        self.backend.load_hf_weights(Path(path) / "policy")
+        self.backend.load_state_dict(state["backend"])
+        self.loader.load_state_dict(state["loader"])
+        rng = state["rng_per_rank"][self.rank] if "rng_per_rank" in state else state["rng"]
+        restore_rng_state(rng, {"sample": self.sample_rng})
+        self.step = int(state["step"])
+        self.state = json.loads(state["trainer"])
+        self.history = json.loads(state["history"])
+        ref = self.state.get("reference")
+        if self.cfg.algo.kl_beta != 0:
+            if ref and Path(ref).is_dir():
+                self.backend.load_reference(Path(ref))
+            else:
+                raise TrainingError(f"checkpoint {path} names reference model {ref!r}, which is not a folder")
+        self._say(f"resumed from {path} at step {self.step}")
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _timed(self, key: str, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        self.state["time"][key] += time.perf_counter() - t0
+        return out
+
+    def _say(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def _write_summary(self, acc_after: float, wall: float) -> dict:
+        last = next((h for h in reversed(self.history) if "reward/mean" in h), {})
+        final = {k: v for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        t = self.state["time"]
+        busy = sum(t[k] for k in ("generation", "reward", "update", "draft")) or 1.0
+        summary = {
+            "steps": self.step,
+            "accuracy_before_grpo": self.state["accuracy_before_grpo"],
+            "accuracy_after_grpo": acc_after,
+            "wall_time_s": wall,
+            "time_s": t,
+            "time_share": {k: t[k] / busy for k in ("generation", "reward", "update", "draft")},
+            "final_metrics": final,
+            "nonfinite_updates": self.state["nonfinite_total"],
+            "rollout_mode": self.cfg.rollout.mode,
+        }
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.out_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            tmp.replace(self.out_dir / "summary.json")
+        return summary

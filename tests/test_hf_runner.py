@@ -1,0 +1,88 @@
+"""The ragged KV cache: tree forwards, commits of different accepted paths per row, dropped
+rows; every next-token logit must equal a fresh full forward over the accepted sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastgrpo.rollout import Generator, SamplingParams
+from fastgrpo.rollout.hf_runner import HFTargetRunner
+
+from conftest import make_tiny_qwen2
+
+
+def full_logits(model, seq):
+    with torch.no_grad():
+        return model(torch.tensor([seq])).logits[0, -1]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_tree_forward_commit_and_drop_match_full_forward(attn):
+    model = make_tiny_qwen2(attn=attn)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
+    runner = HFTargetRunner(model, 3, 64)
+    logits, _ = runner.prefill(prompts)
+    for i, p in enumerate(prompts):
+        assert torch.allclose(logits[i], full_logits(model, p), atol=1e-5)
+    # root + two children of the root + a grandchild under node 1
+    tokens = torch.tensor([[12, 13, 14, 15]] * 3)
+    depths = torch.tensor([[0, 1, 1, 2]] * 3)
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool).expand(3, 4, 4)
+    logits, hidden = runner.forward(tokens, depths, tree)
+    for i, p in enumerate(prompts):
+        for node, path in [(0, [12]), (1, [12, 13]), (2, [12, 14]), (3, [12, 13, 15])]:
+            assert torch.allclose(logits[i, node], full_logits(model, p + path), atol=1e-5), (i, node)
+    # Rows accept different paths: [0,1,3], [0,2], [0].
+    runner.commit(torch.tensor([[0, 1, 3], [0, 2, -1], [0, -1, -1]]), torch.tensor([3, 2, 1]))
+    seqs = [prompts[0] + [12, 13, 15], prompts[1] + [12, 14], prompts[2] + [12]]
+    assert runner.lengths.tolist() == [len(s) for s in seqs]
+    one = torch.ones(3, 1, 1, dtype=torch.bool)
+    logits, _ = runner.forward(torch.tensor([[16], [17], [18]]), torch.zeros(3, 1, dtype=torch.long), one)
+    for i, s in enumerate(seqs):
+        assert torch.allclose(logits[i, 0], full_logits(model, s + [16 + i]), atol=1e-5)
+    runner.commit(torch.zeros(3, 1, dtype=torch.long), torch.ones(3, dtype=torch.long))
+    seqs = [s + [16 + i] for i, s in enumerate(seqs)]
+    runner.drop_rows(torch.tensor([1]))
+    seqs = [seqs[0], seqs[2]]
+    logits, _ = runner.forward(torch.tensor([[19], [20]]), torch.zeros(2, 1, dtype=torch.long), one[:2])
+    for i, s in enumerate(seqs):
+        assert torch.allclose(logits[i, 0], full_logits(model, s + [19 + i]), atol=1e-5)
+
+
+def test_greedy_ar_equals_hf_generate(tiny_qwen2):
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]]
+    gen = Generator(lambda b, L: HFTargetRunner(tiny_qwen2, b, L), "ar")
+    out = gen.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
+    for p, resp in zip(prompts, out.response_ids):
+        ref = tiny_qwen2.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)
+        assert resp == ref[0, len(p):].tolist()
+
+
+def test_ragged_stop_and_length(tiny_qwen2):
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    gen = Generator(lambda b, L: HFTargetRunner(tiny_qwen2, b, L), "ar")
+    free = gen.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10))
+    assert all(len(r) == 10 for r in free.response_ids) and set(free.finish_reasons) == {"length"}
+    # Stop on the token greedy row 0 emits at position 3: row 0 ends there, others run on.
+    stop = free.response_ids[0][3]
+    out = gen.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=(stop,)))
+    for ref, resp, reason in zip(free.response_ids, out.response_ids, out.finish_reasons):
+        cut = ref.index(stop) + 1 if stop in ref else len(ref)
+        assert resp == ref[:cut]
+        assert reason == ("stop" if stop in ref else "length")
+    # Concurrency falls as rows finish, and each step's stats count live rows.
+    conc = [s.concurrency for s in out.steps]
+    assert conc == sorted(conc, reverse=True) and conc[0] <= 4
+    assert sum(s.tokens_emitted for s in out.steps) + len(prompts) == out.num_tokens
+    assert all(len(lp) == len(r) for lp, r in zip(out.logprobs, out.response_ids))
+
+
+def test_empty_batch_and_bad_prompt(tiny_qwen2):
+    gen = Generator(lambda b, L: HFTargetRunner(tiny_qwen2, b, L), "ar")
+    assert gen.generate([], SamplingParams()).response_ids == []
+    with pytest.raises(ValueError, match="empty prompt"):
+        gen.generate([[1], []], SamplingParams())
+    with pytest.raises(ValueError, match="unknown rollout mode"):
+        Generator(lambda b, L: None, "nope")
