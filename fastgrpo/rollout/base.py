@@ -90,7 +90,8 @@ class TargetRunner(Protocol):
     num_rows: int
 
     def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cache every prompt token; return (logits[B,V], hidden[B,H]) at each prompt's last token."""
+        """Cache every prompt token; return (logits[B,V] at each prompt's last token, hidden[B,P,H]
+        at every prompt position, right-padded to the longest prompt)."""
 
     def forward(
         self, tokens: torch.Tensor, depths: torch.Tensor, tree_mask: torch.Tensor

@@ -46,10 +46,15 @@ class DecodingMode:
     def __init__(self, **kwargs):
         pass
 
-    def on_prefill(self, runner: TargetRunner, logits: torch.Tensor, hidden: torch.Tensor) -> None:
-        pass
+    def on_prefill(self, prompts: list[list[int]], hidden: torch.Tensor, first_tokens: torch.Tensor,
+                   max_len: int) -> None:
+        """hidden[B,P,H]: the target's final hidden states over the prompts (right-padded);
+        first_tokens[B]: the tokens sampled from the prefill logits (the first roots)."""
 
     def on_rows_dropped(self, rows: torch.Tensor) -> None:
+        pass
+
+    def on_finish(self) -> None:
         pass
 
     def step(self, runner, last_tokens, params, generator):
@@ -101,8 +106,8 @@ class Generator:
         steps: list[StepStats] = []
         try:
             logits, hidden = runner.prefill(prompts)
-            self.mode.on_prefill(runner, logits, hidden)
             first, first_lp, _ = sample(logits, params, generator)
+            self.mode.on_prefill(prompts, hidden, first, max_len)
             live = torch.arange(n)  # original row index of each runner row
             new_tok, new_lp, num_new = first.unsqueeze(1), first_lp.unsqueeze(1), torch.ones(n, dtype=torch.long)
             stop = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=first.device)
@@ -126,6 +131,7 @@ class Generator:
                 new_tok, new_lp, num_new, stats = self.mode.step(runner, last, params, generator)
                 steps.append(stats)
         finally:
+            self.mode.on_finish()
             runner.release()
         logprob_tensors = [torch.tensor(lp, dtype=torch.float32) for lp in logps]
         return Rollouts([list(p) for p in prompts], responses, logprob_tensors, reasons, steps,

@@ -13,6 +13,12 @@ import torch
 from transformers.cache_utils import Cache
 
 
+def additive_mask(mask_bool: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, S] allowed -> [B, 1, T, S] additive float mask (0 / dtype min) for sdpa and eager."""
+    mask = torch.zeros(mask_bool.shape, dtype=dtype, device=mask_bool.device)
+    return mask.masked_fill_(~mask_bool, torch.finfo(dtype).min).unsqueeze(1)
+
+
 class RaggedKVCache(Cache):
     """Per layer K/V buffers [B, kv_heads, S_max, head_dim] plus a length per row.
 
@@ -49,6 +55,25 @@ class RaggedKVCache(Cache):
         k[rows, :, self.write_pos] = key_states.transpose(1, 2)
         v[rows, :, self.write_pos] = value_states.transpose(1, 2)
         return k[:n, :, : self.view_len], v[:n, :, : self.view_len]
+
+    def attend(self, offsets: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Place this forward's T tokens per row at ``lengths + offsets[B,T]`` and return the
+        boolean attention mask [B, T, view_len]: each row's committed prefix plus the new-block
+        slots ``visible[B, T, W]`` marks (W slots after the row's length; include the token
+        itself). Sets ``write_pos``/``view_len`` for the forward that follows."""
+        n, t = offsets.shape
+        width = visible.shape[-1]
+        lengths = self.lengths[:n]
+        view_len = int(lengths.max()) + width
+        if view_len > self.max_len:
+            raise ValueError(f"KV cache of max_len={self.max_len} is full")
+        cols = torch.arange(view_len, device=offsets.device)
+        mask = (cols.unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(1).expand(n, t, view_len).clone()
+        block = lengths.view(n, 1, 1) + torch.arange(width, device=offsets.device).view(1, 1, width)
+        mask.scatter_(2, block.expand(n, t, width), visible)
+        self.write_pos = lengths.unsqueeze(1) + offsets
+        self.view_len = view_len
+        return mask
 
     def commit(self, keep: torch.Tensor, num_keep: torch.Tensor) -> None:
         """Move the accepted nodes' K/V (at lengths + keep) to lengths + 0..n-1 and grow lengths."""
@@ -103,11 +128,8 @@ class HFTargetRunner:
     def lengths(self) -> torch.Tensor:
         return self.cache.lengths[: self.cache.num_rows]
 
-    def _run(self, tokens, positions, mask_bool, write_pos, view_len):
-        mask = torch.zeros(mask_bool.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~mask_bool, torch.finfo(self.dtype).min)
-        mask = mask.unsqueeze(1)  # [B, 1, T, view_len]
-        self.cache.write_pos, self.cache.view_len = write_pos, view_len
+    def _run(self, tokens, positions, mask_bool):
+        mask = additive_mask(mask_bool, self.dtype)
         out = self.decoder(
             input_ids=tokens,
             position_ids=positions,
@@ -138,24 +160,18 @@ class HFTargetRunner:
         mask[:, :, 0] = True
         self.cache.num_rows = b
         self.cache.lengths.zero_()
-        hidden = self._run(tokens, pos.expand(b, width), mask, pos.expand(b, width), width)
+        self.cache.attend(pos.expand(b, width), mask)
+        hidden = self._run(tokens, pos.expand(b, width), mask)
         self.cache.lengths[:b] = lens
         last = hidden[torch.arange(b, device=self.device), lens - 1]
-        return self.lm_head(last).float(), last
+        return self.lm_head(last).float(), hidden
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, depths: torch.Tensor, tree_mask: torch.Tensor):
         b, t = tokens.shape
-        lengths = self.lengths
-        if int(lengths.max()) + t > self.max_len:
-            raise ValueError(f"KV cache of max_len={self.max_len} is full")
-        view_len = int(lengths.max()) + t
-        cols = torch.arange(view_len, device=self.device)
-        prefix = (cols.unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(1).expand(b, t, view_len)
-        write_pos = lengths.unsqueeze(1) + torch.arange(t, device=self.device)
-        tree = torch.zeros(b, t, view_len, dtype=torch.bool, device=self.device)
-        tree.scatter_(2, write_pos.unsqueeze(1).expand(b, t, t), tree_mask)
-        hidden = self._run(tokens, lengths.unsqueeze(1) + depths, prefix | tree, write_pos, view_len)
+        offsets = torch.arange(t, device=self.device).expand(b, t)
+        mask = self.cache.attend(offsets, tree_mask)
+        hidden = self._run(tokens, self.lengths.unsqueeze(1) + depths, mask)
         return self.lm_head(hidden).float(), hidden
 
     def commit(self, keep: torch.Tensor, num_keep: torch.Tensor) -> None:

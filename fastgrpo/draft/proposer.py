@@ -1,0 +1,137 @@
+"""Tree proposal from an EAGLE draft head, batched over ragged rows (EAGLE-2 style).
+
+The draft keeps its own ragged KV cache in step with the target's: position i holds the draft's
+view of (target hidden h_i, token x_{i+1}). Tokens accepted since the last proposal wait in a
+per-row pending buffer (with the target hidden states verification already computed: no extra
+target pass) and are fed in one catch-up forward at the start of the next proposal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgrpo.draft.eagle import EagleDraft
+from fastgrpo.rollout.budget import Budget
+from fastgrpo.rollout.hf_runner import RaggedKVCache
+from fastgrpo.rollout.tree import TreeBatch, select_tree
+
+
+class EagleProposer:
+    def __init__(self, draft: EagleDraft, max_batch: int, max_len: int, tree_slots: int):
+        self.draft = draft
+        cfg = draft.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        p = next(draft.parameters())
+        self.cache = RaggedKVCache(1, max_batch, cfg.num_key_value_heads, head_dim, max_len + tree_slots,
+                                   p.dtype, p.device)
+        self.pend_h = torch.zeros(max_batch, max_len, cfg.hidden_size, dtype=p.dtype, device=p.device)
+        self.pend_tok = torch.zeros(max_batch, max_len, dtype=torch.long, device=p.device)
+        self.pend_len = torch.zeros(max_batch, dtype=torch.long, device=p.device)
+        self.rows = 0
+
+    # ---- keeping in step with the target ---------------------------------------------------
+    def start(self, prompts: list[list[int]], hidden: torch.Tensor, first_tokens: torch.Tensor) -> None:
+        """Pending pairs for every prompt position: (h_i, x_{i+1}), the last one's token being the
+        first sampled token (the first root)."""
+        b, width = len(prompts), hidden.shape[1]
+        self.rows = self.cache.num_rows = b
+        self.cache.lengths.zero_()
+        lens = torch.tensor([len(p) for p in prompts], device=hidden.device)
+        toks = torch.zeros(b, width, dtype=torch.long, device=hidden.device)
+        for i, p in enumerate(prompts):
+            toks[i, : len(p) - 1] = torch.tensor(p[1:], dtype=torch.long)
+        toks[torch.arange(b), lens - 1] = first_tokens.to(toks.device)
+        self.pend_h[:b, :width] = hidden
+        self.pend_tok[:b, :width] = toks
+        self.pend_len[:b] = lens
+
+    def observe(self, hidden: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> None:
+        """Queue (target hidden at each accepted node, the token emitted after it) per row."""
+        b, n = tokens.shape
+        j = torch.arange(n, device=tokens.device).unsqueeze(0)
+        valid = j < counts.unsqueeze(1)
+        pos = (self.pend_len[:b].unsqueeze(1) + j).clamp(max=self.pend_h.shape[1] - 1)
+        rows = torch.arange(b, device=tokens.device).unsqueeze(1).expand(b, n)
+        self.pend_h[rows[valid], pos[valid]] = hidden[valid].to(self.pend_h.dtype)
+        self.pend_tok[rows[valid], pos[valid]] = tokens[valid]
+        self.pend_len[:b] += counts
+
+    def drop_rows(self, rows: torch.Tensor) -> None:
+        keep = torch.ones(self.rows, dtype=torch.bool, device=self.pend_len.device)
+        keep[rows] = False
+        idx = keep.nonzero().squeeze(1)
+        m = idx.numel()
+        self.pend_h[:m] = self.pend_h[idx]
+        self.pend_tok[:m] = self.pend_tok[idx]
+        self.pend_len[:m] = self.pend_len[idx]
+        self.cache.drop_rows(rows)
+        self.rows = m
+
+    def release(self) -> None:
+        self.cache.keys.clear()
+        self.cache.values.clear()
+        self.pend_h = self.pend_tok = None
+
+    # ---- proposing -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _catch_up(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed the pending pairs; returns the draft's (hidden, log-probs) at each row's last one."""
+        b = self.rows
+        n = int(self.pend_len[:b].max())
+        counts = self.pend_len[:b].clone()
+        causal = torch.ones(n, n, dtype=torch.bool, device=counts.device).tril().expand(b, n, n)
+        offsets = torch.arange(n, device=counts.device).expand(b, n)
+        mask = self.cache.attend(offsets, causal)
+        positions = self.cache.lengths[:b].unsqueeze(1) + offsets
+        h, logits = self.draft(self.pend_h[:b, :n], self.pend_tok[:b, :n], positions, mask, self.cache)
+        self.cache.commit(offsets, counts)  # keep the valid pairs; padded slots are dropped
+        self.pend_len[:b] = 0
+        last = (counts - 1).clamp(min=0)
+        rows = torch.arange(b, device=counts.device)
+        return h[rows, last], logits[rows, last].float().log_softmax(-1)
+
+    @torch.no_grad()
+    def propose(self, roots: torch.Tensor, budget: Budget) -> TreeBatch:
+        """EAGLE-2: top-K children of the root; at each further depth expand the K best beams
+        (cumulative draft log-prob) by their top-K children; finally keep the best N_verify - 1
+        candidates globally."""
+        b, k, depth = self.rows, budget.k, budget.depth
+        dev = roots.device
+        h_root, logp = self._catch_up()
+        score, tok = logp.topk(k, dim=-1)  # depth 1: [B, K]
+        cand_tok, cand_score = [tok], [score]
+        cand_parent = [torch.full((b, k), -1, dtype=torch.long, device=dev)]
+        cand_depth = [torch.ones(b, k, dtype=torch.long, device=dev)]
+        beam_idx = torch.arange(k, device=dev).expand(b, k)  # candidate index of each beam
+        beam_h = h_root.unsqueeze(1).expand(b, k, -1)
+        beam_tok, beam_score = tok, score
+        # Draft-cache slots of the tree block: beams of depth d sit at (d-1)*K + j.
+        beam_vis = torch.zeros(b, k, depth * k, dtype=torch.bool, device=dev)
+        base_pos = self.cache.lengths[:b].unsqueeze(1)
+        n_cand = k
+        for d in range(1, depth):
+            slot = (d - 1) * k + torch.arange(k, device=dev)
+            vis = beam_vis[:, :, : d * k].clone()
+            vis[:, torch.arange(k), slot] = True
+            mask = self.cache.attend(slot.expand(b, k), vis)
+            h, logits = self.draft(beam_h, beam_tok, (base_pos + d - 1).expand(b, k), mask, self.cache)
+            child_score, child_tok = logits.float().log_softmax(-1).topk(k, dim=-1)  # [B, K, K]
+            child_score = beam_score.unsqueeze(-1) + child_score
+            flat_score = child_score.reshape(b, k * k)
+            cand_tok.append(child_tok.reshape(b, k * k))
+            cand_score.append(flat_score)
+            cand_parent.append(beam_idx.unsqueeze(-1).expand(b, k, k).reshape(b, k * k))
+            cand_depth.append(torch.full((b, k * k), d + 1, dtype=torch.long, device=dev))
+            # The next beams: the K best children of this depth.
+            best = flat_score.topk(k, dim=-1).indices
+            parent_beam = best // k
+            beam_idx = n_cand + best
+            n_cand += k * k
+            beam_h = h.gather(1, parent_beam.unsqueeze(-1).expand(b, k, h.shape[-1]))
+            beam_tok = child_tok.reshape(b, k * k).gather(1, best)
+            beam_score = flat_score.gather(1, best)
+            new_vis = vis.gather(1, parent_beam.unsqueeze(-1).expand(b, k, vis.shape[-1]))
+            beam_vis = torch.zeros(b, k, depth * k, dtype=torch.bool, device=dev)
+            beam_vis[:, :, : d * k] = new_vis
+        return select_tree(roots, torch.cat(cand_tok, 1), torch.cat(cand_parent, 1), torch.cat(cand_score, 1),
+                           torch.cat(cand_depth, 1), budget.n_verify - 1)

@@ -1,0 +1,97 @@
+"""Speculative decoding modes: ``fastgrpo`` (concurrency-aware budget) and ``static`` (a fixed
+EAGLE-2 tree, the baseline users pick today).
+
+One engine step: the draft proposes a tree per row, the target verifies every node in one
+forward, ``walk_tree`` accepts a path with one target draw per node (lossless at any
+temperature), the target cache keeps the accepted path's K/V, and the draft is told what was
+accepted together with the target hidden states verification produced. When the budget has
+N_verify < 2 the step is a plain autoregressive step (never slower than AR, bar the bookkeeping).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from fastgrpo.rollout.base import StepStats
+from fastgrpo.rollout.budget import Budget
+from fastgrpo.rollout.generator import DecodingMode, register_mode
+from fastgrpo.rollout.sampling import processed_logprobs, sample_from_logprobs
+from fastgrpo.rollout.tree import chain_tree, walk_tree
+
+ProposerFactory = Callable[[int, int, int], "object"]  # (max_batch, max_len, tree_slots) -> proposer
+
+
+class Speculative(DecodingMode):
+    def __init__(self, proposer_factory: ProposerFactory, budget_fn: Callable[[int], Budget], max_verify: int,
+                 draft_slots: int, verifier: Callable | None = None):
+        """max_verify: the largest tree the target verifies (N_max); draft_slots: the largest
+        tree block the draft writes (K_max * L_max)."""
+        self.proposer_factory = proposer_factory
+        self.budget_fn = budget_fn
+        self.tree_slack = max_verify
+        self.draft_slots = draft_slots
+        # The acceptance rule; tests swap in deliberately biased ones to show the statistics bite.
+        self.verifier = verifier or verify_exact
+        self.proposer = None
+
+    def on_prefill(self, prompts, hidden, first_tokens, max_len):
+        self.proposer = self.proposer_factory(len(prompts), max_len, self.draft_slots)
+        self.proposer.start(prompts, hidden, first_tokens)
+
+    def on_rows_dropped(self, rows):
+        self.proposer.drop_rows(rows)
+
+    def on_finish(self):
+        if self.proposer is not None:
+            self.proposer.release()
+            self.proposer = None
+
+    def step(self, runner, last_tokens, params, generator):
+        b = last_tokens.shape[0]
+        budget = self.budget_fn(b)
+        t0 = time.perf_counter()
+        if budget.speculative:
+            tree = self.proposer.propose(last_tokens, budget)
+        else:
+            tree = chain_tree(last_tokens)
+        t1 = time.perf_counter()
+        logits, hidden = runner.forward(tree.tokens, tree.depth, tree.mask)
+        logprobs = processed_logprobs(logits, params)
+        path, path_len, tokens, token_lp = self.verifier(tree, logprobs, params, generator)
+        runner.commit(path, path_len)
+        rows = torch.arange(b, device=path.device).unsqueeze(1)
+        self.proposer.observe(hidden[rows, path], tokens, path_len)
+        t2 = time.perf_counter()
+        stats = StepStats(concurrency=b, tokens_emitted=int(path_len.sum()), n_verify=tree.size,
+                          k=budget.k, depth=budget.depth, mean_accepted=float(path_len.float().mean()),
+                          draft_time_s=t1 - t0, verify_time_s=t2 - t1)
+        return tokens, token_lp, path_len, stats
+
+
+def verify_exact(tree, logprobs, params, generator):
+    """One draw per node from the processed target distribution, then walk the tree.
+    Returns (path, path_len, emitted tokens [B, D+1], their log-probs)."""
+    b, t, _ = logprobs.shape
+    if params.greedy:
+        samples = logprobs.argmax(-1)
+    else:
+        u = torch.rand(b, t, generator=generator).to(logprobs.device)
+        samples = sample_from_logprobs(logprobs, u)
+    path, path_len = walk_tree(tree, samples)
+    rows = torch.arange(b, device=path.device).unsqueeze(1)
+    tokens = samples[rows, path]
+    token_lp = logprobs[rows, path, tokens]
+    return path, path_len, tokens, token_lp
+
+
+@register_mode("fastgrpo")
+class ConcurrencyAware(Speculative):
+    """N_verify, K, L from the live concurrency (BudgetController)."""
+
+
+@register_mode("static")
+class StaticTree(Speculative):
+    """A fixed tree regardless of concurrency (EAGLE-2 default-like: 60 tokens, depth 6, top-k 10)."""

@@ -1,0 +1,156 @@
+"""Speculative rollouts: exactly the target's sampling distribution (statistically), greedy
+token-for-token equality with AR, correct log-probs, ragged rows, and the AR fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastgrpo.draft.eagle import EagleDraft
+from fastgrpo.draft.proposer import EagleProposer
+from fastgrpo.rollout import Generator, SamplingParams
+from fastgrpo.rollout.budget import BudgetController, BudgetParams
+from fastgrpo.rollout.hf_runner import HFTargetRunner
+from fastgrpo.rollout.sampling import processed_logprobs
+from fastgrpo.rollout.speculative import verify_exact
+from fastgrpo.rollout.tree import walk_tree
+
+from conftest import make_tiny_qwen2
+from test_sampling import _chi2_pvalue
+
+
+def runner_factory(model):
+    return lambda b, max_len: HFTargetRunner(model, b, max_len)
+
+
+def spec_generator(model, draft, mode="fastgrpo", c_peak=64, verifier=None, static=(60, 10, 6)):
+    if mode == "static":
+        ctrl = BudgetController.static(*static)
+        max_verify, slots = static[0], static[1] * static[2]
+    else:
+        params = BudgetParams(c_peak=c_peak, n_max=min(c_peak, 160))
+        ctrl = BudgetController(params)
+        max_verify, slots = params.n_max, params.k_max * params.l_max
+    return Generator(runner_factory(model), mode, verifier=verifier,
+                     proposer_factory=lambda b, max_len, s: EagleProposer(draft, b, max_len, s),
+                     budget_fn=ctrl.budget, max_verify=max_verify, draft_slots=slots)
+
+
+def bad_draft(model, seed=1):
+    draft = EagleDraft(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return draft
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_qwen2(vocab=12, seed=3)
+
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 1, 2, 3, 4], [3]]
+
+
+@pytest.mark.parametrize("mode", ["fastgrpo", "static"])
+@pytest.mark.parametrize("draft_kind", ["identity", "bad"])
+def test_greedy_equals_ar_token_for_token(model, mode, draft_kind):
+    draft = EagleDraft(model) if draft_kind == "identity" else bad_draft(model)
+    p = SamplingParams(temperature=0, max_new_tokens=40)
+    ar = Generator(runner_factory(model), "ar").generate(PROMPTS, p)
+    sp = spec_generator(model, draft, mode).generate(PROMPTS, p)
+    assert sp.response_ids == ar.response_ids
+    assert max(s.n_verify for s in sp.steps) > 1  # the speculative path really ran
+    for a, b in zip(ar.logprobs, sp.logprobs):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_stop_token_and_length_inside_accepted_path(model):
+    draft = EagleDraft(model)
+    free = Generator(runner_factory(model), "ar").generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=25))
+    stop = free.response_ids[1][6]
+    p = SamplingParams(temperature=0, max_new_tokens=25, stop_token_ids=(stop,))
+    ar = Generator(runner_factory(model), "ar").generate(PROMPTS, p)
+    sp = spec_generator(model, draft).generate(PROMPTS, p)
+    assert sp.response_ids == ar.response_ids and sp.finish_reasons == ar.finish_reasons
+    assert "stop" in sp.finish_reasons
+    # Length limits that fall inside a multi-token acceptance.
+    for limit in (1, 2, 3, 7):
+        p = SamplingParams(temperature=0, max_new_tokens=limit)
+        sp = spec_generator(model, draft).generate(PROMPTS, p)
+        assert [len(r) for r in sp.response_ids] == [limit] * len(PROMPTS)
+        assert sp.response_ids == [r[:limit] for r in free.response_ids]
+
+
+def test_reported_logprobs_equal_a_full_forward(model):
+    draft = bad_draft(model)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=20)
+    out = spec_generator(model, draft).generate(PROMPTS, params, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for prompt, resp, lp in zip(PROMPTS, out.response_ids, out.logprobs):
+            logits = model(torch.tensor([prompt + resp])).logits[0, len(prompt) - 1: -1]
+            ref = processed_logprobs(logits, params).gather(-1, torch.tensor(resp).unsqueeze(-1)).squeeze(-1)
+            assert torch.allclose(lp, ref, atol=1e-4)
+
+
+def test_above_c_peak_is_plain_ar_with_identical_draws(model):
+    """B > C_peak: N_verify < 2, every step is autoregressive and consumes the same uniforms as
+    AR mode, so sampling is identical draw for draw."""
+    prompts = PROMPTS * 4  # 16 rows
+    params = SamplingParams(temperature=1.0, max_new_tokens=15)
+    ar = Generator(runner_factory(model), "ar").generate(prompts, params, torch.Generator().manual_seed(5))
+    sp = spec_generator(model, EagleDraft(model), c_peak=8).generate(prompts, params, torch.Generator().manual_seed(5))
+    assert all(s.n_verify == 1 for s in sp.steps if s.concurrency > 4)
+    assert sp.response_ids == ar.response_ids
+
+
+def exact_joint3(model, prompt, params, vocab):
+    """P(t1, t2, t3) under the processed target distribution, exactly."""
+    with torch.no_grad():
+        lp1 = processed_logprobs(model(torch.tensor([prompt])).logits[0, -1], params)
+        s2 = torch.tensor([prompt + [a] for a in range(vocab)])
+        lp2 = processed_logprobs(model(s2).logits[:, -1], params)
+        s3 = torch.tensor([prompt + [a, b] for a in range(vocab) for b in range(vocab)])
+        lp3 = processed_logprobs(model(s3).logits[:, -1], params).view(vocab, vocab, vocab)
+    return (lp1.view(-1, 1, 1) + lp2.view(vocab, vocab, 1) + lp3).exp().flatten()
+
+
+def joint3_counts(responses, vocab):
+    counts = torch.zeros(vocab ** 3)
+    for r in responses:
+        counts[(r[0] * vocab + r[1]) * vocab + r[2]] += 1
+    return counts
+
+
+def biased_argmax_verifier(tree, logprobs, params, generator):
+    """The bias peers ship: accept a draft token when it is the target's argmax."""
+    b, t, _ = logprobs.shape
+    path, path_len, tokens, lp = verify_exact(tree, logprobs, params, generator)
+    greedy = logprobs.argmax(-1)
+    gpath, glen = walk_tree(tree, greedy)
+    use = glen > 1  # the draft matched the argmax: accept greedily, bonus drawn as usual
+    rows = torch.arange(b).unsqueeze(1)
+    gtok = greedy[rows, gpath]
+    return (torch.where(use.unsqueeze(1), gpath, path), torch.where(use, glen, path_len),
+            torch.where(use.unsqueeze(1), gtok, tokens), lp)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, max_new_tokens=3),
+                                    SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=3)],
+                         ids=["t1", "t1-top_p0.9"])
+@pytest.mark.parametrize("draft_kind", ["identity", "bad"])
+def test_speculative_sampling_is_lossless(model, params, draft_kind):
+    vocab = model.config.vocab_size
+    prompt = [3, 7, 1]
+    n = 6000
+    draft = EagleDraft(model) if draft_kind == "identity" else bad_draft(model)
+    gen = spec_generator(model, draft, c_peak=n * 8)
+    out = gen.generate([prompt] * n, params, torch.Generator().manual_seed(11))
+    assert out.steps[0].n_verify > 2 and out.mean_accepted_len > 1.0  # trees were really verified
+    exact = exact_joint3(model, prompt, params, vocab)
+    assert _chi2_pvalue(joint3_counts(out.response_ids, vocab), exact) > 1e-3
+    if draft_kind == "identity" and params.top_p == 1.0:
+        biased = spec_generator(model, draft, c_peak=n * 8, verifier=biased_argmax_verifier)
+        bad = biased.generate([prompt] * n, params, torch.Generator().manual_seed(11))
+        assert _chi2_pvalue(joint3_counts(bad.response_ids, vocab), exact) < 1e-6
