@@ -64,8 +64,22 @@ class RolloutConfig:
     top_p: float = 0.95
     top_k: int = 0  # 0 = off
     eval_temperature: float = 0.0  # greedy held-out evaluation
-    max_batch_size: int = 256  # rows the KV cache is allocated for
-    c_peak: Optional[int] = None  # tokens per forward at the hardware knee; None = profile/cached
+    # Speculative modes. The concurrency-aware budget (DESIGN.md 3):
+    #   N = min(C_peak // B, n_max); K = min(N - 1, k_max); L = clamp(log2(N / alpha), l_min, l_max)
+    c_peak: Optional[int] = None  # tokens per target forward at the knee; None = cached profile or measure once
+    c_peak_cache_dir: str = ".cache/fastgrpo/c_peak"
+    n_max: int = 160
+    k_max: int = 8
+    l_min: int = 3
+    l_max: int = 5
+    alpha: float = 0.75
+    # How the concurrency signal is aggregated over data-parallel ranks: local | mean | max | sum.
+    concurrency_aggregate: str = "local"
+    # The `static` baseline: a fixed EAGLE-2 tree whatever the concurrency.
+    static_tokens: int = 60
+    static_topk: int = 10
+    static_depth: int = 6
+    draft: str = "eagle"  # the draft kind
 
 
 @dataclass

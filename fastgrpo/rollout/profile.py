@@ -271,28 +271,38 @@ def device_name(device: str | torch.device) -> str:
 def cache_key(
     model: Any,
     *,
-    model_name: str | None = None,
     dtype: str | None = None,
     device: str | None = None,
     layout: str = "single",
 ) -> dict[str, Any]:
-    """What the knee depends on. Weights do not matter (same shapes, same speed); shapes do."""
-    from fastgrpo.models.loading import is_preset, model_fingerprint
+    """What the knee depends on: the shapes (not the weights, not the name: a fine-tune of a
+    model shares its knee), dtype, device, torch version and parallel layout. The CLI and the
+    trainer compute the same key for the same model on the same hardware."""
+    from fastgrpo.models.loading import model_fingerprint
 
     p = next(model.parameters())
     config = getattr(model, "config", None)
-    name = model_name or getattr(config, "name_or_path", "") or getattr(config, "model_type", "model")
-    if not is_preset(str(name)) and os.path.isdir(name):
-        name = os.path.realpath(name)  # the CLI and the trainer may spell the folder differently
+    shape = dict(model_fingerprint(model))
+    heads = shape.get("num_attention_heads")
+    hidden = shape.get("hidden_size")
+    shape["intermediate_size"] = getattr(config, "intermediate_size", None)
+    shape["head_dim"] = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
     return {
-        "model": str(name),
-        "fingerprint": model_fingerprint(model),
+        "shape": shape,
         "dtype": dtype or str(p.dtype).removeprefix("torch."),
         "device": device or device_name(p.device),
-        "attn_implementation": str(getattr(config, "_attn_implementation", None)),
         "torch": torch.__version__,
         "layout": layout,
     }
+
+
+def model_info(model: Any, model_name: str | None = None) -> dict[str, Any]:
+    """Recorded next to the key for people, not matched: the model's name and attention kernel."""
+    config = getattr(model, "config", None)
+    name = model_name or getattr(config, "name_or_path", "") or getattr(config, "model_type", "model")
+    if os.path.isdir(str(name)):
+        name = os.path.realpath(name)
+    return {"model": str(name), "attn_implementation": str(getattr(config, "_attn_implementation", None))}
 
 
 def cache_path(cache_dir: str | os.PathLike, key: dict[str, Any]) -> Path:
@@ -360,6 +370,7 @@ class CPeakProfile:
     peak_throughput_tok_s: float
     points: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # this caller's model name and attention
 
 
 def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -403,7 +414,8 @@ def load_or_profile(
     The sweep settings are stored in the JSON but are not part of the key: a cache made with
     other settings is reused; pass ``force`` to re-measure.
     """
-    key = cache_key(model, model_name=model_name, dtype=dtype, device=device, layout=layout)
+    key = cache_key(model, dtype=dtype, device=device, layout=layout)
+    about = model_info(model, model_name)
     path = cache_path(cache_dir, key)
     png = Path(out_png) if out_png else path.with_suffix(".png")
     if not force:
@@ -415,7 +427,7 @@ def load_or_profile(
                 png=Path(data["png"]) if data.get("png") else None, cached=True,
                 saturated=bool(data.get("saturated", True)),
                 peak_throughput_tok_s=float(data.get("peak_throughput_tok_s", 0.0)),
-                points=list(data.get("points", [])), settings=dict(data.get("settings", {})),
+                points=list(data.get("points", [])), settings=dict(data.get("settings", {})), info=about,
             )
     if runner_factory is None:
         from fastgrpo.rollout.hf_runner import HFTargetRunner
@@ -427,7 +439,7 @@ def load_or_profile(
     settings = {"tokens_per_forward": grid, "prefix_len": prefix_len, "max_rows": max_rows,
                 "max_tree": max_tree, "warmup": warmup, "repeats": repeats, "statistic": statistic,
                 "frac": frac}
-    logger.info("profiling C_peak for %s over %d token counts", key["model"], len(grid))
+    logger.info("profiling C_peak for %s over %d token counts", about["model"], len(grid))
     t0 = time.perf_counter()
     points = measure_forward_latency(runner_factory, grid, prefix_len=prefix_len, max_rows=max_rows,
                                      max_tree=max_tree, warmup=warmup, repeats=repeats, statistic=statistic)
@@ -435,7 +447,7 @@ def load_or_profile(
     if not info["saturated"]:
         logger.warning("C_peak sweep did not reach a throughput plateau by %d tokens per forward; "
                        "the knee may be larger (raise max_tokens)", info["tokens"][-1])
-    title = f"{key['model']} {key['dtype']} on {key['device']} [{layout}]: C_peak = {info['c_peak']}"
+    title = f"{about['model']} {key['dtype']} on {key['device']} [{layout}]: C_peak = {info['c_peak']}"
     png_written: Path | None = None
     try:
         png_written = plot_profile(points, png, frac, title)
@@ -444,6 +456,7 @@ def load_or_profile(
     data = {
         "format": CACHE_FORMAT,
         "key": key,
+        "info": about,
         "c_peak": int(info["c_peak"]),
         "frac": frac,
         "peak_throughput_tok_s": info["peak_throughput_tok_s"],
@@ -457,7 +470,7 @@ def load_or_profile(
     _atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
     return CPeakProfile(c_peak=int(info["c_peak"]), key=key, path=path, png=png_written, cached=False,
                         saturated=info["saturated"], peak_throughput_tok_s=info["peak_throughput_tok_s"],
-                        points=points, settings=settings)
+                        points=points, settings=settings, info=about)
 
 
 def profile_c_peak(model: Any, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, *,
