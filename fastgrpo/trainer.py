@@ -21,11 +21,12 @@ from fastgrpo.backends import build_backend, build_policy_batch
 from fastgrpo.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
 from fastgrpo.config import FastGRPOConfig
 from fastgrpo.data import PromptLoader, build_datasets
-from fastgrpo.models import load_policy, model_fingerprint
+from fastgrpo.models import is_preset, load_policy, model_fingerprint
 from fastgrpo.plots import plot_training_curves
 from fastgrpo.progress import StepProgress
 from fastgrpo.rewards import RewardScorer, get_reward_fn
-from fastgrpo.rollout import Generator, SamplingParams
+from fastgrpo.rollout import SamplingParams
+from fastgrpo.rollout.factory import build_generator
 from fastgrpo.tracking import Tracker, flatten_config
 
 log = logging.getLogger("fastgrpo")
@@ -73,7 +74,19 @@ class GRPOTrainer:
             total_steps=cfg.trainer.steps, temperature=cfg.rollout.temperature,
             max_response_len=cfg.rollout.max_new_tokens,
         )
-        self.generator = Generator(self.backend.target_runner, mode=cfg.rollout.mode)
+        self.draft = None
+        c_peak = None
+        if cfg.rollout.mode != "ar":
+            from fastgrpo.draft.eagle import EagleDraft
+            from fastgrpo.rollout.profile import resolve_c_peak
+
+            # Untrained here; the online draft learner (fastgrpo/draft) keeps it in step with the policy.
+            self.draft = EagleDraft(self.model)
+            if cfg.rollout.mode == "fastgrpo":
+                c_peak = resolve_c_peak(cfg.rollout.c_peak, self.model, cfg.rollout.c_peak_cache_dir,
+                                        model_name=cfg.model.path)
+                self._say(f"C_peak = {c_peak} tokens per target forward")
+        self.generator = build_generator(cfg.rollout, self.backend.target_runner, self.draft, c_peak)
         self.scorer = RewardScorer(cfg.reward)
         self.accuracy_fn = get_reward_fn("accuracy")
         stops = stop_token_ids(self.tokenizer, self.model)
@@ -102,11 +115,21 @@ class GRPOTrainer:
             raise TrainingError(
                 f"{self.ckpt.dir} already holds checkpoints of another run; pass checkpoint.resume=auto "
                 f"to continue it or choose a new trainer.output_dir (nothing was overwritten)")
+        # Validate the checkpoint (complete, same model, reference available) before the tracker
+        # starts: a refused resume must not mark the earlier segment's MLflow run FAILED.
+        resume_state = self.ckpt.load(resume_from, self.fingerprint) if resume_from is not None else None
+        if resume_state is not None:
+            self._reference_source(resume_state, resume_from)
         tracker = Tracker.from_config(cfg.tracking, self.out_dir, rank=self.rank)
         with tracker:
-            tracker.start(cfg.tracking.run_name or self.out_dir.name, flatten_config(cfg))
+            if resume_state is not None:  # continue the earlier segment's MLflow run when we can
+                tracker.start(cfg.tracking.run_name or self.out_dir.name, flatten_config(cfg),
+                              tags={"fastgrpo.resumed_from_step": int(resume_state["step"])},
+                              run_id=self._mlflow_run_to_continue(tracker))
+            else:
+                tracker.start(cfg.tracking.run_name or self.out_dir.name, flatten_config(cfg))
             if resume_from is not None:
-                self._resume(resume_from)
+                self._resume(resume_from, resume_state)
             else:
                 self._prepare_reference()
             if self.state["accuracy_before_grpo"] is None:
@@ -261,8 +284,43 @@ class GRPOTrainer:
         self._saved_step = self.step
         return path
 
-    def _resume(self, path: Path) -> None:
-        state = self.ckpt.load(path, self.fingerprint)
+    def _reference_source(self, state: dict, path: Path) -> str | None:
+        """How the KL reference of a checkpoint is restored: "preset", "folder" or None (no KL)."""
+        if self.cfg.algo.kl_beta == 0:
+            return None
+        ref = json.loads(state["trainer"]).get("reference")
+        if ref and is_preset(ref) and ref == self.cfg.model.path:
+            return "preset"  # no warm-up: the reference is the preset's seeded initial weights
+        if ref and Path(ref).is_dir():
+            return "folder"
+        raise TrainingError(f"checkpoint {path} names reference model {ref!r}, which is not a folder "
+                            f"(nor the preset model.path={self.cfg.model.path!r})")
+
+    def _mlflow_run_to_continue(self, tracker: Tracker) -> str | None:
+        """The earlier segment's MLflow run (``<run_dir>/mlflow_run.json``) if it is in this store."""
+        if not tracker.active:
+            return None
+        try:
+            info = json.loads((self.out_dir / "mlflow_run.json").read_text())
+            if (info.get("tracking_uri"), info.get("experiment")) != (tracker.tracking_uri,
+                                                                      tracker.experiment_name):
+                return None
+            run = tracker.client.get_run(info["run_id"])
+        except Exception as e:  # noqa: BLE001 (no file, another store, a deleted run: start a new run)
+            log.info("not continuing an earlier MLflow run: %r", e)
+            return None
+        return run.info.run_id if run.info.lifecycle_stage == "active" else None
+
+    def _resume(self, path: Path, state: dict | None = None) -> None:
+        if state is None:
+            state = self.ckpt.load(path, self.fingerprint)
+        # The reference first: a preset reference is the policy's initial weights, which the
+        # model still holds until the checkpoint's weights are loaded below.
+        source = self._reference_source(state, path)
+        if source == "preset":
+            self.backend.reset_reference()
+        elif source == "folder":
+            self.backend.load_reference(Path(json.loads(state["trainer"])["reference"]))
         self.backend.load_hf_weights(Path(path) / "policy")
         self.backend.load_state_dict(state["backend"])
         self.loader.load_state_dict(state["loader"])
@@ -271,12 +329,6 @@ class GRPOTrainer:
         self.step = int(state["step"])
         self.state = json.loads(state["trainer"])
         self.history = json.loads(state["history"])
-        ref = self.state.get("reference")
-        if self.cfg.algo.kl_beta != 0:
-            if ref and Path(ref).is_dir():
-                self.backend.load_reference(Path(ref))
-            else:
-                raise TrainingError(f"checkpoint {path} names reference model {ref!r}, which is not a folder")
         self._say(f"resumed from {path} at step {self.step}")
 
     # ---- helpers ---------------------------------------------------------------------------

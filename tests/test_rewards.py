@@ -187,7 +187,7 @@ def test_registry_names_and_module_spec():
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match="unknown reward function 'nope'.*accuracy, format"):
+    with pytest.raises(ValueError, match="unknown reward function 'nope'.*accuracy.*format"):
         get_reward_fn("nope")
     with pytest.raises(ValueError, match="cannot import module 'no_such_pkg.mod'"):
         get_reward_fn("no_such_pkg.mod:fn")

@@ -49,7 +49,9 @@ class Rollouts:
     finish_reasons: list[str]  # "stop" (a stop token was emitted) | "length"
     steps: list[StepStats] = field(default_factory=list)
     wall_time_s: float = 0.0
-    texts: Optional[list[str]] = None
+    # Per row: the target's final hidden state at positions 0 .. len(prompt)+len(response)-2
+    # (position t predicted token t+1), when the generator captured them.
+    features: Optional[list[torch.Tensor]] = None
 
     @property
     def num_tokens(self) -> int:

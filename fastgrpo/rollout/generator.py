@@ -8,6 +8,7 @@ distribution. Speculative modes (``static``, ``fastgrpo``) plug in through ``reg
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -36,9 +37,9 @@ class DecodingMode:
     """Produces the next tokens for all live rows in one engine step.
 
     ``step`` receives the runner, the last emitted token per row and the sampling params; returns
-    (tokens[B, n], logprobs[B, n], num_new[B], StepStats) with the accepted tokens left-aligned,
-    and must have committed exactly those tokens' predecessors to the cache (the last token of each
-    row stays uncached: it is the next root).
+    a ``StepOutput`` with the emitted tokens left-aligned, and must have committed exactly those
+    tokens' predecessors to the cache (the last token of each row stays uncached: it is the next
+    root).
     """
 
     tree_slack = 1  # extra KV slots a step may write beyond the committed length
@@ -63,30 +64,34 @@ class DecodingMode:
 
 @register_mode("ar")
 class Autoregressive(DecodingMode):
-    def step(self, runner, last_tokens, params, generator):
+    def step(self, runner, last_tokens, params, generator) -> StepOutput:
         b = last_tokens.shape[0]
         dev = last_tokens.device
         t0 = time.perf_counter()
-        logits, _ = runner.forward(
-            last_tokens.unsqueeze(1),
-            torch.zeros(b, 1, dtype=torch.long, device=dev),
-            torch.ones(b, 1, 1, dtype=torch.bool, device=dev),
-        )
-        runner.commit(torch.zeros(b, 1, dtype=torch.long, device=dev), torch.ones(b, dtype=torch.long, device=dev))
+        zero = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        logits, hidden = runner.forward(last_tokens.unsqueeze(1), zero, torch.ones(b, 1, 1, dtype=torch.bool, device=dev))
+        ones = torch.ones(b, dtype=torch.long, device=dev)
+        runner.commit(zero, ones)
         tokens, logprobs, _ = sample(logits[:, 0], params, generator)
         stats = StepStats(concurrency=b, tokens_emitted=b, verify_time_s=time.perf_counter() - t0)
-        return tokens.unsqueeze(1), logprobs.unsqueeze(1), torch.ones(b, dtype=torch.long, device=dev), stats
+        return StepOutput(tokens.unsqueeze(1), logprobs.unsqueeze(1), ones, hidden, stats)
 
 
 class Generator:
-    """``generate(prompts, params) -> Rollouts``. The runner comes from the backend (its layout)."""
+    """``generate(prompts, params) -> Rollouts``. The runner comes from the backend (its layout).
 
-    def __init__(self, runner_factory: RunnerFactory, mode: str = "ar", **mode_kwargs):
+    With ``capture_features`` the rollouts carry, per row, the target's final hidden state at
+    every position but the last (prompt and response), which verification computed anyway:
+    the online draft learner trains on them without another target pass."""
+
+    def __init__(self, runner_factory: RunnerFactory, mode: str = "ar", capture_features: bool = False,
+                 **mode_kwargs):
         if mode not in _MODES:
             raise ValueError(f"unknown rollout mode {mode!r}; available: {available_modes()}")
         self.runner_factory = runner_factory
         self.mode = _MODES[mode](**mode_kwargs)
         self.mode_name = mode
+        self.capture_features = capture_features
 
     @torch.no_grad()
     def generate(
@@ -94,13 +99,11 @@ class Generator:
     ) -> Rollouts:
         t_start = time.perf_counter()
         n = len(prompts)
-        responses: list[list[int]] = [[] for _ in range(n)]
-        logps: list[list[float]] = [[] for _ in range(n)]
-        reasons = ["length"] * n
         if n == 0:
             return Rollouts([], [], [], [], wall_time_s=0.0)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: every prompt needs at least one token")
+        acc = _Accumulator(n, params, self.capture_features)
         max_len = max(len(p) for p in prompts) + params.max_new_tokens + self.mode.tree_slack
         runner = self.runner_factory(n, max_len)
         steps: list[StepStats] = []
@@ -108,51 +111,85 @@ class Generator:
             logits, hidden = runner.prefill(prompts)
             first, first_lp, _ = sample(logits, params, generator)
             self.mode.on_prefill(prompts, hidden, first, max_len)
+            if self.capture_features:
+                for i, p in enumerate(prompts):
+                    acc.features[i].append(hidden[i, : len(p)].cpu())
             live = torch.arange(n)  # original row index of each runner row
-            new_tok, new_lp, num_new = first.unsqueeze(1), first_lp.unsqueeze(1), torch.ones(n, dtype=torch.long)
-            stop = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=first.device)
+            out = StepOutput(first.unsqueeze(1), first_lp.unsqueeze(1), torch.ones(n, dtype=torch.long), None, None)
             while True:
-                done_rows = self._append(new_tok.cpu(), new_lp.float().cpu(), num_new.cpu(), live,
-                                         responses, logps, reasons, stop.cpu(), params.max_new_tokens)
+                done_rows = acc.append(out, live)
+                last = out.tokens.gather(1, (out.counts - 1).unsqueeze(1)).squeeze(1)
                 if done_rows:
                     keep = torch.ones(len(live), dtype=torch.bool)
                     keep[done_rows] = False
                     drop = torch.tensor(done_rows, dtype=torch.long, device=first.device)
                     runner.drop_rows(drop)
                     self.mode.on_rows_dropped(drop)
-                    live = live[keep]
-                    last = new_tok[keep.to(new_tok.device)]
-                    num_new = num_new[keep.to(num_new.device)]
-                else:
-                    last = new_tok
+                    live, last = live[keep], last[keep.to(last.device)]
                 if len(live) == 0:
                     break
-                last = last.gather(1, (num_new - 1).unsqueeze(1).to(last.device)).squeeze(1)
-                new_tok, new_lp, num_new, stats = self.mode.step(runner, last, params, generator)
-                steps.append(stats)
+                out = self.mode.step(runner, last, params, generator)
+                steps.append(out.stats)
         finally:
             self.mode.on_finish()
             runner.release()
-        logprob_tensors = [torch.tensor(lp, dtype=torch.float32) for lp in logps]
-        return Rollouts([list(p) for p in prompts], responses, logprob_tensors, reasons, steps,
-                        wall_time_s=time.perf_counter() - t_start)
+        return acc.rollouts(prompts, steps, time.perf_counter() - t_start)
 
-    @staticmethod
-    def _append(tok, lp, num_new, live, responses, logps, reasons, stop, max_new) -> list[int]:
-        """Append each row's new tokens, truncating at a stop token or the length budget.
-        Returns the runner rows that finished."""
+
+@dataclass
+class StepOutput:
+    """What a decoding step emitted: tokens[B, n] left-aligned with counts[B] valid per row, their
+    log-probs, and the target hidden state that predicted each (hidden[B, n, H])."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    counts: torch.Tensor
+    hidden: torch.Tensor | None
+    stats: StepStats | None
+
+
+class _Accumulator:
+    """Per-row results, truncated at a stop token or the length budget."""
+
+    def __init__(self, n: int, params: SamplingParams, capture: bool):
+        self.responses: list[list[int]] = [[] for _ in range(n)]
+        self.logps: list[list[float]] = [[] for _ in range(n)]
+        self.features: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        self.reasons = ["length"] * n
+        self.stop = set(params.stop_token_ids)
+        self.max_new = params.max_new_tokens
+        self.capture = capture
+
+    def append(self, out: StepOutput, live: torch.Tensor) -> list[int]:
+        """Returns the runner rows that finished."""
+        tok, lp, counts = out.tokens.tolist(), out.logprobs.float().tolist(), out.counts.tolist()
+        hidden = out.hidden.cpu() if (self.capture and out.hidden is not None) else None
         done = []
-        for r in range(tok.shape[0]):
-            i = int(live[r])
-            for j in range(int(num_new[r])):
-                t = int(tok[r, j])
-                responses[i].append(t)
-                logps[i].append(float(lp[r, j]))
-                if bool((stop == t).any()):
-                    reasons[i] = "stop"
+        for r, i in enumerate(live.tolist()):
+            resp = self.responses[i]
+            take = 0
+            for t in tok[r][: counts[r]]:
+                resp.append(t)
+                take += 1
+                if t in self.stop:
+                    self.reasons[i] = "stop"
                     break
-                if len(responses[i]) >= max_new:
+                if len(resp) >= self.max_new:
                     break
-            if reasons[i] == "stop" or len(responses[i]) >= max_new:
+            self.logps[i].extend(lp[r][:take])
+            finished = self.reasons[i] == "stop" or len(resp) >= self.max_new
+            if hidden is not None:
+                # The hidden state that predicted each emitted token; the first token's came from
+                # the prefill. A finished row's last token never gets one (nothing follows it).
+                self.features[i].append(hidden[r, :take])
+            if finished:
                 done.append(r)
         return done
+
+    def rollouts(self, prompts, steps, wall) -> Rollouts:
+        feats = None
+        if self.capture:
+            feats = [torch.cat(f)[: len(p) + len(r) - 1] for f, p, r in zip(self.features, prompts, self.responses)]
+        return Rollouts([list(p) for p in prompts], self.responses,
+                        [torch.tensor(lp, dtype=torch.float32) for lp in self.logps], self.reasons, steps,
+                        wall_time_s=wall, features=feats)

@@ -17,7 +17,7 @@ import torch
 
 from fastgrpo.rollout.base import StepStats
 from fastgrpo.rollout.budget import Budget
-from fastgrpo.rollout.generator import DecodingMode, register_mode
+from fastgrpo.rollout.generator import DecodingMode, StepOutput, register_mode
 from fastgrpo.rollout.sampling import processed_logprobs, sample_from_logprobs
 from fastgrpo.rollout.tree import chain_tree, walk_tree
 
@@ -63,12 +63,13 @@ class Speculative(DecodingMode):
         path, path_len, tokens, token_lp = self.verifier(tree, logprobs, params, generator)
         runner.commit(path, path_len)
         rows = torch.arange(b, device=path.device).unsqueeze(1)
-        self.proposer.observe(hidden[rows, path], tokens, path_len)
+        path_hidden = hidden[rows, path]
+        self.proposer.observe(path_hidden, tokens, path_len)
         t2 = time.perf_counter()
         stats = StepStats(concurrency=b, tokens_emitted=int(path_len.sum()), n_verify=tree.size,
                           k=budget.k, depth=budget.depth, mean_accepted=float(path_len.float().mean()),
                           draft_time_s=t1 - t0, verify_time_s=t2 - t1)
-        return tokens, token_lp, path_len, stats
+        return StepOutput(tokens, token_lp, path_len, path_hidden, stats)
 
 
 def verify_exact(tree, logprobs, params, generator):

@@ -1,0 +1,133 @@
+"""Online draft learning: keep the draft in step with the policy from features the rollout
+already computed (FastGRPO; DESIGN.md 3).
+
+loss = 2.0 * SmoothL1(h_hat_{t+1}, h_{t+1}) + 0.1 * CE(softmax(lm_head(h_{t+1})), lm_head(h_hat_{t+1}))
+over response positions (prompt positions give context but no loss), on every rollout (zero-reward
+ones too), one AdamW step per rollout batch, micro-batched by a token budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastgrpo.draft.eagle import EagleDraft
+
+
+@dataclass
+class DraftSequence:
+    """One row: tokens x_0..x_{n-1} (prompt + response), target hidden h_0..h_{n-2}, and the
+    index of the first response token."""
+
+    tokens: torch.Tensor  # [n] long
+    hidden: torch.Tensor  # [n-1, H]
+    response_start: int
+
+
+def sequences_from_rollouts(rollouts) -> list[DraftSequence]:
+    if rollouts.features is None:
+        raise ValueError("these rollouts carry no features: build the Generator with capture_features=True")
+    out = []
+    for p, r, h in zip(rollouts.prompt_ids, rollouts.response_ids, rollouts.features):
+        if len(r) >= 2:  # at least one (input, target) pair inside the response
+            out.append(DraftSequence(torch.tensor(list(p) + list(r)), h, len(p)))
+    return out
+
+
+def draft_loss(draft: EagleDraft, hidden: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor,
+               w_hidden: float = 2.0, w_ce: float = 0.1, num_tokens: Optional[float] = None):
+    """hidden[B,T,H]: target h_t; tokens[B,T]: x_{t+1}; targets are hidden[:, 1:]. loss_mask[B,T]
+    marks pairs t whose target h_{t+1} is a response position. Returns (loss, sums for metrics)."""
+    b, t, _ = hidden.shape
+    positions = torch.arange(t, device=hidden.device).expand(b, t)
+    pred, logits = draft(hidden, tokens, positions)
+    pred, logits = pred[:, :-1], logits[:, :-1].float()
+    target = hidden[:, 1:]
+    mask = loss_mask[:, :-1].to(pred.dtype)
+    with torch.no_grad():
+        target_logp = draft.lm_head(target).float().log_softmax(-1)
+    l1 = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1)
+    ce = -(target_logp.exp() * logits.log_softmax(-1)).sum(-1)
+    denom = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
+    loss = ((w_hidden * l1 + w_ce * ce) * mask).sum() / denom
+    with torch.no_grad():
+        agree = (logits.argmax(-1) == target_logp.argmax(-1)).float()
+        sums = {"l1": float((l1 * mask).sum()), "ce": float((ce * mask).sum()), "top1": float((agree * mask).sum()),
+                "tokens": float(mask.sum())}
+    return loss, sums
+
+
+class DraftLearner:
+    def __init__(self, draft: EagleDraft, lr: float = 1e-4, weight_decay: float = 0.0, token_budget: int = 4096,
+                 grad_clip: float = 1.0, w_hidden: float = 2.0, w_ce: float = 0.1):
+        self.draft = draft
+        self.optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=lr,
+                                           weight_decay=weight_decay)
+        self.token_budget, self.grad_clip = token_budget, grad_clip
+        self.w_hidden, self.w_ce = w_hidden, w_ce
+
+    def _micro_batches(self, seqs: list[DraftSequence]) -> list[list[DraftSequence]]:
+        """Pack sequences (longest first) so each micro-batch's padded size stays in budget."""
+        order = sorted(seqs, key=lambda s: -len(s.tokens))
+        batches, cur, width = [], [], 0
+        for s in order:
+            w = max(width, len(s.tokens) - 1)
+            if cur and w * (len(cur) + 1) > self.token_budget:
+                batches.append(cur)
+                cur, w = [], len(s.tokens) - 1
+            cur.append(s)
+            width = w
+        if cur:
+            batches.append(cur)
+        return batches
+
+    @staticmethod
+    def _collate(seqs: list[DraftSequence], device, dtype):
+        t = max(len(s.tokens) - 1 for s in seqs)
+        h = seqs[0].hidden.shape[-1]
+        hidden = torch.zeros(len(seqs), t, h, dtype=dtype, device=device)
+        tokens = torch.zeros(len(seqs), t, dtype=torch.long, device=device)
+        mask = torch.zeros(len(seqs), t, dtype=torch.bool, device=device)
+        for i, s in enumerate(seqs):
+            n = len(s.tokens) - 1
+            hidden[i, :n] = s.hidden[:n].to(device=device, dtype=dtype)
+            tokens[i, :n] = s.tokens[1:].to(device)
+            # pair t predicts h_{t+1}: a response position when t+1 >= response_start.
+            mask[i, max(s.response_start - 1, 0): n - 1] = True
+        return hidden, tokens, mask
+
+    def update(self, seqs: list[DraftSequence]) -> dict[str, float]:
+        """One optimizer step over all sequences (gradient accumulation over micro-batches)."""
+        if not seqs:
+            return {}
+        p = next(self.draft.parameters())
+        self.draft.train()
+        batches = [self._collate(mb, p.device, p.dtype) for mb in self._micro_batches(seqs)]
+        total = float(sum(m[:, :-1].sum() for _, _, m in batches))
+        sums = {"l1": 0.0, "ce": 0.0, "top1": 0.0, "tokens": 0.0}
+        loss_sum = 0.0
+        for hidden, tokens, mask in batches:
+            loss, s = draft_loss(self.draft, hidden, tokens, mask, self.w_hidden, self.w_ce, num_tokens=max(total, 1.0))
+            loss.backward()
+            loss_sum += loss.item()
+            for k in sums:
+                sums[k] += s[k]
+        norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.grad_clip)
+        if math.isfinite(float(norm)):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.draft.eval()
+        n = max(sums["tokens"], 1.0)
+        return {"draft/loss": loss_sum, "draft/smooth_l1": sums["l1"] / n, "draft/ce": sums["ce"] / n,
+                "draft/top1_agreement": sums["top1"] / n, "draft/tokens": sums["tokens"], "draft/grad_norm": float(norm)}
+
+    def state_dict(self) -> dict:
+        return {"draft": self.draft.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draft.load_state_dict(state["draft"])
+        self.optimizer.load_state_dict(state["optimizer"])
