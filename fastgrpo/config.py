@@ -79,7 +79,18 @@ class RolloutConfig:
     static_tokens: int = 60
     static_topk: int = 10
     static_depth: int = 6
-    draft: str = "eagle"  # the draft kind
+
+
+@dataclass
+class DraftConfig:
+    """The draft model of the speculative modes and its online learning (DESIGN.md 3)."""
+
+    kind: str = "eagle"  # eagle: a head on the target's hidden states
+    online: bool = True  # update the draft after every policy update, from the rollout's features
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    token_budget: int = 4096  # padded tokens per draft micro-batch
+    init_path: Optional[str] = None  # a pretrained draft state (.pt/.safetensors); None = from scratch
 
 
 @dataclass
@@ -175,6 +186,7 @@ class FastGRPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -21,6 +21,7 @@ from fastgrpo.backends import build_backend, build_policy_batch
 from fastgrpo.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
 from fastgrpo.config import FastGRPOConfig
 from fastgrpo.data import PromptLoader, build_datasets
+from fastgrpo.draft import DraftLearner, build_draft, sequences_from_rollouts
 from fastgrpo.models import is_preset, load_policy, model_fingerprint
 from fastgrpo.plots import plot_training_curves
 from fastgrpo.progress import StepProgress
@@ -57,6 +58,11 @@ class GRPOTrainer:
         dist_utils.init_from_env(cfg.backend.ddp_backend)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.device = pick_device(cfg.trainer.device)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if self.device.type == "cpu" and local_world > 1:
+            # Ranks sharing a CPU each take their share of the cores: oversubscribed torch
+            # threads make every small op wait for a time slice (10-100x slower).
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         self.out_dir = Path(cfg.trainer.output_dir)
         torch.manual_seed(cfg.trainer.seed)
 
@@ -74,19 +80,20 @@ class GRPOTrainer:
             total_steps=cfg.trainer.steps, temperature=cfg.rollout.temperature,
             max_response_len=cfg.rollout.max_new_tokens,
         )
-        self.draft = None
-        c_peak = None
+        self.draft, self.draft_learner, c_peak = None, None, None
         if cfg.rollout.mode != "ar":
-            from fastgrpo.draft.eagle import EagleDraft
             from fastgrpo.rollout.profile import resolve_c_peak
 
-            # Untrained here; the online draft learner (fastgrpo/draft) keeps it in step with the policy.
-            self.draft = EagleDraft(self.model)
+            self.draft = build_draft(cfg.draft, self.model)
+            if cfg.draft.online:  # keeps the draft in step with the policy (FastGRPO)
+                self.draft_learner = DraftLearner(self.draft, lr=cfg.draft.lr, weight_decay=cfg.draft.weight_decay,
+                                                  token_budget=cfg.draft.token_budget)
             if cfg.rollout.mode == "fastgrpo":
                 c_peak = resolve_c_peak(cfg.rollout.c_peak, self.model, cfg.rollout.c_peak_cache_dir,
                                         model_name=cfg.model.path)
                 self._say(f"C_peak = {c_peak} tokens per target forward")
         self.generator = build_generator(cfg.rollout, self.backend.target_runner, self.draft, c_peak)
+        self.generator.capture_features = self.draft_learner is not None
         self.scorer = RewardScorer(cfg.reward)
         self.accuracy_fn = get_reward_fn("accuracy")
         stops = stop_token_ids(self.tokenizer, self.model)
@@ -191,11 +198,16 @@ class GRPOTrainer:
             self._check_finite(update)
         t_update = time.perf_counter()
 
+        # The draft learns from every rollout (zero-reward ones too), on the hidden states that
+        # verification already computed: no extra target pass.
+        draft_metrics = self.draft_learner.update(sequences_from_rollouts(rollouts)) if self.draft_learner else {}
+        t_draft = time.perf_counter()
+
         times = {"generation": t_gen - t0, "reward": t_reward - t_gen, "update": t_update - t_reward,
-                 "draft": 0.0}
+                 "draft": t_draft - t_update}
         for k, v in times.items():
             self.state["time"][k] += v
-        step_time = t_update - t0
+        step_time = t_draft - t0
         local = {
             "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
             **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
@@ -204,6 +216,7 @@ class GRPOTrainer:
         }
         metrics = dist_utils.mean_metrics(local)
         metrics.update({f"train/{k}": v for k, v in update.items()})
+        metrics.update(dist_utils.mean_metrics(draft_metrics))
         metrics.update({f"time/{k}_s": v for k, v in times.items()})
         metrics["time/step_s"] = step_time
         metrics["time/generation_share"] = times["generation"] / max(step_time, 1e-9)
@@ -275,6 +288,10 @@ class GRPOTrainer:
             "trainer": json.dumps(self.state),
             "history": json.dumps(self.history),
         }
+        if self.draft_learner is not None:
+            state["draft"] = self.draft_learner.state_dict()
+        elif self.draft is not None:
+            state["draft"] = {"draft": self.draft.state_dict()}
         if self.world > 1:  # each rank keeps its own sampling stream
             state["rng_per_rank"] = dist_utils.all_gather_objects(state["rng"])
         path = None
@@ -329,6 +346,14 @@ class GRPOTrainer:
         self.step = int(state["step"])
         self.state = json.loads(state["trainer"])
         self.history = json.loads(state["history"])
+        if self.draft is not None:
+            if "draft" not in state:
+                raise TrainingError(f"checkpoint {path} has no draft state but rollout.mode={self.cfg.rollout.mode} "
+                                    "needs one")
+            if self.draft_learner is not None and "optimizer" in state["draft"]:
+                self.draft_learner.load_state_dict(state["draft"])
+            else:
+                self.draft.load_state_dict(state["draft"]["draft"])
         self._say(f"resumed from {path} at step {self.step}")
 
     # ---- helpers ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastgrpo import distributed as dist_utils
 from fastgrpo.draft.eagle import EagleDraft
 
 
@@ -101,13 +102,14 @@ class DraftLearner:
         return hidden, tokens, mask
 
     def update(self, seqs: list[DraftSequence]) -> dict[str, float]:
-        """One optimizer step over all sequences (gradient accumulation over micro-batches)."""
-        if not seqs:
-            return {}
+        """One optimizer step over all sequences (gradient accumulation over micro-batches).
+        Under torch.distributed every rank must call it (with its own rows, possibly none): the
+        gradients are summed over ranks so the draft stays identical everywhere."""
         p = next(self.draft.parameters())
         self.draft.train()
-        batches = [self._collate(mb, p.device, p.dtype) for mb in self._micro_batches(seqs)]
-        total = float(sum(m[:, :-1].sum() for _, _, m in batches))
+        batches = [self._collate(mb, p.device, p.dtype) for mb in self._micro_batches(seqs)] if seqs else []
+        total = float(dist_utils.all_reduce_sum(
+            torch.tensor(float(sum(m[:, :-1].sum() for _, _, m in batches)), dtype=torch.float64)))
         sums = {"l1": 0.0, "ce": 0.0, "top1": 0.0, "tokens": 0.0}
         loss_sum = 0.0
         for hidden, tokens, mask in batches:
@@ -116,6 +118,11 @@ class DraftLearner:
             loss_sum += loss.item()
             for k in sums:
                 sums[k] += s[k]
+        if dist_utils.is_initialized():
+            for q in self.draft.parameters():
+                if q.grad is None:
+                    q.grad = torch.zeros_like(q)
+                torch.distributed.all_reduce(q.grad)
         norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.grad_clip)
         if math.isfinite(float(norm)):
             self.optimizer.step()
