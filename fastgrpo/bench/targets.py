@@ -15,10 +15,9 @@ import torch
 from fastgrpo.backends.torch_backend import TorchBackend
 from fastgrpo.config import AlgoConfig, DataConfig, ModelConfig, OptimConfig, WarmupConfig
 from fastgrpo.data import build_datasets
-from fastgrpo.draft import DraftLearner, EagleDraft, load_draft_weights, sequences_from_rollouts
+from fastgrpo.draft import EagleDraft, load_draft_weights
+from fastgrpo.draft.pretrain import pretrain_on_generations, save_draft
 from fastgrpo.models import load_policy
-from fastgrpo.rollout import Generator, SamplingParams
-from fastgrpo.rollout.hf_runner import HFTargetRunner
 from fastgrpo.sft import run_warmup
 
 DEFAULT_CACHE = ".cache/fastgrpo/bench"
@@ -50,24 +49,15 @@ def rollout_prompts(tok, n: int, split: str = "test") -> list[list[int]]:
 
 def prepare_draft(model, tok, target_folder: Path, steps: int = 200, lr: float = 1e-3, batch: int = 32,
                   say=print) -> EagleDraft:
-    """The draft trained on the target's own sampled generations (train split)."""
+    """The draft trained on the target's own sampled generations (train split), cached."""
     path = Path(target_folder) / f"draft-eagle-{steps}.pt"
     draft = EagleDraft(model)
     if path.is_file():
         load_draft_weights(draft, path)
         return draft.eval()
-    learner = DraftLearner(draft, lr=lr)
-    gen = Generator(lambda b, n: HFTargetRunner(model, b, n), "ar", capture_features=True)
     train, _ = build_datasets(DataConfig(), tok)
-    params = SamplingParams(1.0, 0.95, 0, 128, (tok.eos_token_id,))
     say(f"pretraining the draft once: {steps} updates on the target's generations (cached in {path})")
-    for step in range(steps):
-        prompts = [train[(step * batch + i) % len(train)].prompt_ids for i in range(batch)]
-        out = gen.generate(prompts, params, torch.Generator().manual_seed(step))
-        m = learner.update(sequences_from_rollouts(out))
-        if (step + 1) % max(steps // 10, 1) == 0:
-            say(f"  draft step {step + 1}/{steps}  top-1 agreement {m['draft/top1_agreement']:.3f}")
-    tmp = path.with_suffix(".tmp")
-    torch.save({"draft": draft.state_dict()}, tmp)
-    os.replace(tmp, path)
+    pretrain_on_generations(model, draft, [it.prompt_ids for it in train], (tok.eos_token_id,), steps, lr, batch,
+                            say=say)
+    save_draft(draft, path)
     return draft.eval()

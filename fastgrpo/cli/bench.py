@@ -1,6 +1,8 @@
 """``fastgrpo-bench``: benchmarks that print figures and write JSON + PNG.
 
-    fastgrpo-bench rollout --out bench/            # AR vs static vs fastgrpo generation throughput
+    fastgrpo-bench rollout --out bench/   # AR vs static vs fastgrpo generation throughput
+    fastgrpo-bench drift --out bench/     # accepted length per GRPO step, online vs frozen draft
+    fastgrpo-bench e2e --out bench/       # GRPO step time per mode, draft-update share
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastgrpo-bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["rollout"], help="which benchmark")
+    p.add_argument("part", choices=["rollout", "drift", "e2e"], help="which benchmark")
+    p.add_argument("--steps", type=int, default=20, help="GRPO steps (drift, e2e)")
     p.add_argument("--preset", default="small")
     p.add_argument("--out", default="bench")
     p.add_argument("--cache-dir", default=".cache/fastgrpo/bench")
@@ -40,22 +43,40 @@ def main(argv=None) -> int:
     print(f"C_peak = {c_peak}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.part in ("drift", "e2e"):
+        return _training_part(a, folder, c_peak, out)
     result = bench_rollout(model, draft, tok, rollout_prompts(tok, max(a.batch_sizes)), c_peak,
                            a.batch_sizes, a.repeats, a.max_new_tokens)
     result.update(preset=a.preset, threads=torch.get_num_threads(), device="cpu")
-    tmp = out / "rollout.json.tmp"
+    _write(out, "rollout", result, plot_speedup(result, out / "rollout_speedup.png"), a, c_peak)
+    return 0
+
+
+def _write(out: Path, name: str, result: dict, png: Path, a, c_peak: int) -> None:
+    tmp = out / f"{name}.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "rollout.json")
-    png = plot_speedup(result, out / "rollout_speedup.png")
-    print(f"wrote {out / 'rollout.json'} and {png}")
+    os.replace(tmp, out / f"{name}.json")
+    print(f"wrote {out / (name + '.json')} and {png}")
     if a.mlflow:
         from fastgrpo.config import TrackingConfig
         from fastgrpo.tracking import Tracker
 
         with Tracker.from_config(TrackingConfig(experiment="fastgrpo-bench"), out) as tr:
-            tr.start("bench-rollout", {"preset": a.preset, "c_peak": c_peak})
-            tr.log_artifact(out / "rollout.json")
+            tr.start(f"bench-{name}", {"preset": a.preset, "c_peak": c_peak, "part": name})
+            tr.log_artifact(out / f"{name}.json")
             tr.log_artifact(png)
+
+
+def _training_part(a, folder: Path, c_peak: int, out: Path) -> int:
+    from fastgrpo.bench.training import bench_drift, bench_e2e, plot_drift, plot_e2e
+
+    draft_init = str(Path(folder) / f"draft-eagle-{a.draft_steps}.pt")
+    if a.part == "drift":
+        result = bench_drift(folder, draft_init, out, a.steps, c_peak)
+        _write(out, "drift", result, plot_drift(result, out / "drift.png"), a, c_peak)
+    else:
+        result = bench_e2e(folder, draft_init, out, a.steps, c_peak)
+        _write(out, "e2e", result, plot_e2e(result, out / "e2e.png"), a, c_peak)
     return 0
 
 

@@ -174,6 +174,19 @@ class HFTargetRunner:
         hidden = self._run(tokens, self.lengths.unsqueeze(1) + depths, mask)
         return self.lm_head(hidden).float(), hidden
 
+    @torch.no_grad()
+    def forward_block(self, tokens: torch.Tensor, positions_offset: torch.Tensor, offsets: torch.Tensor,
+                      visible: torch.Tensor, with_logits: bool = True):
+        """The general form of ``forward``: write tokens[B,T] (uncommitted) at cache slots
+        ``lengths + offsets[B,T]``, at position ids ``lengths + positions_offset[B,T]``; query t
+        sees its row's committed prefix plus the block slots ``visible[B,T,W]`` marks (W slots
+        after the row's length; include the token's own slot). Used by drafts that write a tree
+        block whose layout differs from the verified tree's (fastgrpo.draft.lm).
+        Returns (logits[B,T,V] float or None when ``with_logits`` is False, hidden[B,T,H])."""
+        mask = self.cache.attend(offsets, visible)
+        hidden = self._run(tokens, self.lengths.unsqueeze(1) + positions_offset, mask)
+        return (self.lm_head(hidden).float() if with_logits else None), hidden
+
     def commit(self, keep: torch.Tensor, num_keep: torch.Tensor) -> None:
         self.cache.commit(keep, num_keep)
 

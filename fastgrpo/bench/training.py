@@ -1,0 +1,138 @@
+"""Training-time benchmarks: draft drift (accepted length per GRPO step with online learning vs
+a frozen draft, the paper's Figure 4) and end-to-end GRPO step time for ar / static / fastgrpo.
+
+Both start from the cached benchmark target (``bench.targets``) so the policy has something to
+learn and the draft something to track."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import torch
+
+from fastgrpo.config import FastGRPOConfig
+from fastgrpo.draft import EagleDraft
+from fastgrpo.rollout import SamplingParams
+from fastgrpo.rollout.factory import build_generator
+
+
+def bench_config(target_folder: Path, out_dir: Path, mode: str, steps: int, c_peak: int, draft_init: str | None,
+                 online: bool = True, seed: int = 0) -> FastGRPOConfig:
+    cfg = FastGRPOConfig()
+    cfg.model.path = str(target_folder)
+    cfg.rollout.mode = mode
+    cfg.rollout.c_peak = c_peak
+    cfg.draft.init_path = draft_init
+    cfg.draft.online = online
+    cfg.draft.lr = 1e-4
+    cfg.optim.lr = 2e-5
+    cfg.trainer.steps = steps
+    cfg.trainer.eval_size = 16
+    cfg.trainer.progress = False
+    cfg.trainer.seed = seed
+    cfg.trainer.output_dir = str(out_dir)
+    cfg.checkpoint.every = 0
+    cfg.tracking.enabled = False
+    return cfg
+
+
+def _probe(trainer, draft, prompts, params, seed: int) -> float:
+    """Mean accepted length of ``draft`` on fixed prompts under the current policy."""
+    gen = build_generator(trainer.cfg.rollout, trainer.backend.target_runner, draft,
+                          trainer.cfg.rollout.c_peak)
+    with trainer.backend.generation_mode():
+        out = gen.generate(prompts, params, torch.Generator().manual_seed(seed))
+    return out.mean_accepted_len
+
+
+def bench_drift(target_folder: Path, draft_init: str, out_dir: Path, steps: int, c_peak: int,
+                probe_prompts: int = 8, probe_samples: int = 4, say=print) -> dict:
+    """One GRPO run with online draft learning; after every step the online draft and a frozen
+    copy of the initial draft are probed on the same prompts with the same seed."""
+    from fastgrpo.trainer import GRPOTrainer
+
+    cfg = bench_config(target_folder, out_dir / "drift", "fastgrpo", steps, c_peak, draft_init)
+    trainer = GRPOTrainer(cfg)
+    frozen = EagleDraft(trainer.model)  # shares the live target's embedding and LM head
+    frozen.load_state_dict(trainer.draft.state_dict())
+    frozen.eval()
+    prompts = [trainer.test_set[i].prompt_ids for i in range(probe_prompts) for _ in range(probe_samples)]
+    params = SamplingParams(1.0, cfg.rollout.top_p, 0, cfg.rollout.max_new_tokens, trainer.sampling.stop_token_ids)
+    trainer._prepare_reference()
+    rows = []
+    for step in range(1, steps + 1):
+        m = trainer.train_step()
+        trainer.step = step
+        online = _probe(trainer, trainer.draft, prompts, params, step)
+        fixed = _probe(trainer, frozen, prompts, params, step)
+        rows.append({"step": step, "accepted_len_online": online, "accepted_len_frozen": fixed,
+                     "accepted_len_rollout": m["rollout/mean_accepted_len"], "reward": m["reward/mean"],
+                     "draft_top1": m.get("draft/top1_agreement")})
+        say(f"step {step:>3}: accepted length online {online:.2f} frozen {fixed:.2f} reward {m['reward/mean']:.3f}")
+    return {"steps": rows, "c_peak": c_peak, "draft_init": draft_init}
+
+
+def bench_e2e(target_folder: Path, draft_init: str, out_dir: Path, steps: int, c_peak: int,
+              modes=("ar", "static", "fastgrpo"), skip: int = 1, say=print) -> dict:
+    """GRPO step time per mode over the same steps and seeds (the first ``skip`` steps are
+    warm-up). fastgrpo learns its draft online; static uses the same initial draft, frozen
+    (the baseline as users run it today)."""
+    from fastgrpo.trainer import GRPOTrainer
+
+    res = {}
+    for mode in modes:
+        cfg = bench_config(target_folder, out_dir / f"e2e_{mode}", mode, steps, c_peak, draft_init,
+                           online=(mode == "fastgrpo"))
+        trainer = GRPOTrainer(cfg)
+        trainer._prepare_reference()
+        hist = [trainer.train_step() for _ in range(steps)][skip:]
+        step_t = statistics.median(h["time/step_s"] for h in hist)
+        res[mode] = {"step_time_s": step_t,
+                     "generation_time_s": statistics.median(h["time/generation_s"] for h in hist),
+                     "draft_update_share": statistics.median(h["time/draft_s"] / h["time/step_s"] for h in hist),
+                     "mean_accepted_len": statistics.mean(h["rollout/mean_accepted_len"] for h in hist),
+                     "reward": statistics.mean(h["reward/mean"] for h in hist)}
+        say(f"{mode:>9}: step {step_t:.2f}s  accept {res[mode]['mean_accepted_len']:.2f}  "
+            f"draft update {100 * res[mode]['draft_update_share']:.1f}% of the step")
+    for mode in modes:
+        res[mode]["speedup_vs_ar"] = res["ar"]["step_time_s"] / res[mode]["step_time_s"] if "ar" in res else None
+    return {"modes": res, "steps": steps, "c_peak": c_peak}
+
+
+def plot_drift(result: dict, out: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [r["step"] for r in result["steps"]]
+    ax.plot(xs, [r["accepted_len_online"] for r in result["steps"]], "s-", label="online draft learning")
+    ax.plot(xs, [r["accepted_len_frozen"] for r in result["steps"]], "o--", label="frozen draft")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean accepted length")
+    ax.set_title("Draft acceptance while the policy learns")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return Path(out)
+
+
+def plot_e2e(result: dict, out: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    modes = list(result["modes"])
+    ax.bar(modes, [result["modes"][m]["step_time_s"] for m in modes], color=["grey", "tab:orange", "tab:blue"][: len(modes)])
+    for i, m in enumerate(modes):
+        ax.text(i, result["modes"][m]["step_time_s"], f"{result['modes'][m]['speedup_vs_ar']:.2f}x", ha="center",
+                va="bottom")
+    ax.set_ylabel("GRPO step time (s, median)")
+    ax.set_title("End-to-end GRPO step time")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return Path(out)
