@@ -11,7 +11,6 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -21,7 +20,7 @@ from fastgrpo.backends import build_backend, build_policy_batch
 from fastgrpo.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
 from fastgrpo.config import FastGRPOConfig
 from fastgrpo.data import PromptLoader, build_datasets
-from fastgrpo.draft import DraftLearner, build_draft, sequences_from_rollouts
+from fastgrpo.draft import build_draft_components, sequences_from_rollouts
 from fastgrpo.models import is_preset, load_policy, model_fingerprint
 from fastgrpo.plots import plot_training_curves
 from fastgrpo.progress import StepProgress
@@ -80,19 +79,19 @@ class GRPOTrainer:
             total_steps=cfg.trainer.steps, temperature=cfg.rollout.temperature,
             max_response_len=cfg.rollout.max_new_tokens,
         )
-        self.draft, self.draft_learner, c_peak = None, None, None
+        self.draft, self.draft_learner, proposer_factory, c_peak = None, None, None, None
         if cfg.rollout.mode != "ar":
             from fastgrpo.rollout.profile import resolve_c_peak
 
-            self.draft = build_draft(cfg.draft, self.model)
-            if cfg.draft.online:  # keeps the draft in step with the policy (FastGRPO)
-                self.draft_learner = DraftLearner(self.draft, lr=cfg.draft.lr, weight_decay=cfg.draft.weight_decay,
-                                                  token_budget=cfg.draft.token_budget)
+            # With draft.online the learner keeps the draft in step with the policy (FastGRPO).
+            self.draft, proposer_factory, self.draft_learner = build_draft_components(cfg.draft, self.model,
+                                                                                      self.tokenizer)
             if cfg.rollout.mode == "fastgrpo":
                 c_peak = resolve_c_peak(cfg.rollout.c_peak, self.model, cfg.rollout.c_peak_cache_dir,
                                         model_name=cfg.model.path)
                 self._say(f"C_peak = {c_peak} tokens per target forward")
-        self.generator = build_generator(cfg.rollout, self.backend.target_runner, self.draft, c_peak)
+        self.generator = build_generator(cfg.rollout, self.backend.target_runner, self.draft, c_peak,
+                                         proposer_factory=proposer_factory)
         self.generator.capture_features = self.draft_learner is not None
         self.scorer = RewardScorer(cfg.reward)
         self.accuracy_fn = get_reward_fn("accuracy")
@@ -106,7 +105,7 @@ class GRPOTrainer:
                                       cfg.checkpoint.keep_last)
         self.fingerprint = model_fingerprint(self.model)
         self.step = 0
-        self._saved_step: Optional[int] = None
+        self._saved_step: int | None = None
         self.history: list[dict] = []
         self.state: dict = {"accuracy_before_grpo": None, "warmup_done": False, "reference": None,
                             "nonfinite_in_a_row": 0, "nonfinite_total": 0,
@@ -172,7 +171,7 @@ class GRPOTrainer:
         return summary
 
     def train_step(self) -> dict[str, float]:
-        cfg, algo = self.cfg, self.cfg.algo
+        algo = self.cfg.algo
         t0 = time.perf_counter()
         items = self.loader.next_batch()[self.rank::self.world]
         prompts = [it.prompt_ids for it in items for _ in range(algo.group_size)]
@@ -279,7 +278,7 @@ class GRPOTrainer:
         update["nonfinite_total"] = float(self.state["nonfinite_total"])
 
     # ---- checkpoints -----------------------------------------------------------------------
-    def save_checkpoint(self) -> Optional[Path]:
+    def save_checkpoint(self) -> Path | None:
         state = {
             "step": self.step,
             "backend": self.backend.state_dict(),

@@ -37,7 +37,7 @@ def _measure(gen, prompts, params, seed: int) -> dict:
 def compare_modes(model, draft, prompts, params, c_peak: int, repeats: int = 3, modes=MODES,
                   rollout_cfg: RolloutConfig | None = None) -> dict:
     base = rollout_cfg or RolloutConfig()
-    runner = lambda b, n: HFTargetRunner(model, b, n)  # noqa: E731
+    runner = lambda b, n: HFTargetRunner(model, b, n)
     gens = {}
     for m in modes:
         cfg = RolloutConfig(**{**base.__dict__, "mode": m})

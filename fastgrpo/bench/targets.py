@@ -10,8 +10,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from fastgrpo.backends.torch_backend import TorchBackend
 from fastgrpo.config import AlgoConfig, DataConfig, ModelConfig, OptimConfig, WarmupConfig
 from fastgrpo.data import build_datasets

@@ -8,14 +8,16 @@ import torch
 
 from fastgrpo.config import DraftConfig
 from fastgrpo.draft.eagle import EagleDraft
-from fastgrpo.draft.learner import DraftLearner, sequences_from_rollouts
+from fastgrpo.draft.learner import DraftLearner, check_draft_state, read_draft_state, sequences_from_rollouts
 
-DRAFT_KINDS = ("eagle",)
+DRAFT_KINDS = ("eagle", "lm")  # lm: an independent small causal LM (fastgrpo.draft.lm)
 
 
 def build_draft(cfg: DraftConfig, target: torch.nn.Module) -> EagleDraft:
     if cfg.kind not in DRAFT_KINDS:
         raise ValueError(f"draft.kind={cfg.kind!r}: choose one of {DRAFT_KINDS}")
+    if cfg.kind != "eagle":
+        raise ValueError(f"draft.kind={cfg.kind!r} is built by build_draft_components(cfg, target, tokenizer)")
     draft = EagleDraft(target)
     if cfg.init_path:
         load_draft_weights(draft, Path(cfg.init_path))
@@ -24,24 +26,38 @@ def build_draft(cfg: DraftConfig, target: torch.nn.Module) -> EagleDraft:
 
 def load_draft_weights(draft: EagleDraft, path: Path) -> None:
     """Load a draft state; a draft built for another hidden size or vocabulary is refused."""
-    if not path.is_file():
-        raise FileNotFoundError(f"draft.init_path={str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("draft", state)
-    own = draft.state_dict()
-    bad = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}
-    missing = sorted(set(own) - set(state))
-    if bad or missing:
-        raise ValueError(f"draft in {path} does not match the target (hidden size "
-                         f"{draft.config.hidden_size}, vocab {draft.config.vocab_size}): "
-                         f"shape mismatches {bad}, missing {missing[:5]}")
+    state = read_draft_state(path)
+    check_draft_state(draft.state_dict(), state, where=f"draft in {path} does not match the target (hidden size "
+                      f"{draft.config.hidden_size}, vocab {draft.config.vocab_size})")
     draft.load_state_dict(state)
 
 
-__all__ = ["DRAFT_KINDS", "DraftLearner", "EagleDraft", "build_draft", "load_draft_weights",
-           "sequences_from_rollouts"]
+def build_draft_components(cfg: DraftConfig, target: torch.nn.Module, tokenizer=None):
+    """-> (draft module, proposer factory ``(max_batch, max_len, tree_slots) -> proposer``, online
+    learner or None when ``cfg.online`` is off) for ``cfg.kind``:
+
+    - ``eagle``: an EAGLE head on the target's hidden states (EagleProposer + DraftLearner);
+    - ``lm``: an independent small causal LM sharing the target's tokenizer (LMProposer +
+      LMDraftLearner, online distillation; see fastgrpo.draft.lm.build_lm_draft for where the
+      model comes from).
+    The draft module is what checkpoints save (``state_dict``/``load_state_dict``)."""
+    if cfg.kind not in DRAFT_KINDS:
+        raise ValueError(f"draft.kind={cfg.kind!r}: choose one of {DRAFT_KINDS}")
+    if cfg.kind == "eagle":
+        from fastgrpo.draft.proposer import EagleProposer
+
+        draft = build_draft(cfg, target)
+        learner = (DraftLearner(draft, lr=cfg.lr, weight_decay=cfg.weight_decay, token_budget=cfg.token_budget)
+                   if cfg.online else None)
+        return draft, (lambda b, max_len, slots: EagleProposer(draft, b, max_len, slots)), learner
+    from fastgrpo.draft.lm import LMDraftLearner, LMProposer, build_lm_draft
+
+    lm = build_lm_draft(cfg, target, tokenizer)
+    vocab = target.get_output_embeddings().weight.shape[0]
+    learner = (LMDraftLearner(lm, target.get_output_embeddings(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                              token_budget=cfg.token_budget) if cfg.online else None)
+    return lm, (lambda b, max_len, slots: LMProposer(lm, b, max_len, slots, vocab_size=vocab)), learner
+
+
+__all__ = ["DRAFT_KINDS", "DraftLearner", "EagleDraft", "build_draft", "build_draft_components",
+           "load_draft_weights", "sequences_from_rollouts"]

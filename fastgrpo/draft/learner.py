@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,7 @@ def sequences_from_rollouts(rollouts) -> list[DraftSequence]:
 
 
 def draft_loss(draft: EagleDraft, hidden: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor,
-               w_hidden: float = 2.0, w_ce: float = 0.1, num_tokens: Optional[float] = None):
+               w_hidden: float = 2.0, w_ce: float = 0.1, num_tokens: float | None = None):
     """hidden[B,T,H]: target h_t; tokens[B,T]: x_{t+1}; targets are hidden[:, 1:]. loss_mask[B,T]
     marks pairs t whose target h_{t+1} is a response position. Returns (loss, sums for metrics)."""
     b, t, _ = hidden.shape
@@ -60,6 +59,44 @@ def draft_loss(draft: EagleDraft, hidden: torch.Tensor, tokens: torch.Tensor, lo
         sums = {"l1": float((l1 * mask).sum()), "ce": float((ce * mask).sum()), "top1": float((agree * mask).sum()),
                 "tokens": float(mask.sum())}
     return loss, sums
+
+
+def apply_draft_gradients(draft: torch.nn.Module, optimizer, grad_clip: float) -> float:
+    """Sum gradients over ranks (the draft stays identical everywhere), clip, step (skipped when
+    the norm is not finite), zero. Returns the gradient norm."""
+    if dist_utils.is_initialized():
+        for q in draft.parameters():
+            if q.grad is None:
+                q.grad = torch.zeros_like(q)
+            torch.distributed.all_reduce(q.grad)
+    norm = float(torch.nn.utils.clip_grad_norm_(draft.parameters(), grad_clip))
+    if math.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    draft.eval()
+    return norm
+
+
+def read_draft_state(path) -> dict:
+    """A saved draft state: ``.safetensors``, or a ``.pt`` holding it (under "draft" or bare)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"draft.init_path={str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("draft", state)
+
+
+def check_draft_state(own: dict, state: dict, where: str, ignore: frozenset = frozenset()) -> None:
+    bad = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}
+    missing = sorted(set(own) - set(state) - ignore)
+    if bad or missing:
+        raise ValueError(f"{where}: shape mismatches {bad}, missing {missing[:5]}")
 
 
 class DraftLearner:
@@ -118,16 +155,7 @@ class DraftLearner:
             loss_sum += loss.item()
             for k in sums:
                 sums[k] += s[k]
-        if dist_utils.is_initialized():
-            for q in self.draft.parameters():
-                if q.grad is None:
-                    q.grad = torch.zeros_like(q)
-                torch.distributed.all_reduce(q.grad)
-        norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.grad_clip)
-        if math.isfinite(float(norm)):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.draft.eval()
+        norm = apply_draft_gradients(self.draft, self.optimizer, self.grad_clip)
         n = max(sums["tokens"], 1.0)
         return {"draft/loss": loss_sum, "draft/smooth_l1": sums["l1"] / n, "draft/ce": sums["ce"] / n,
                 "draft/top1_agreement": sums["top1"] / n, "draft/tokens": sums["tokens"], "draft/grad_norm": float(norm)}

@@ -5,8 +5,8 @@ a few steps (``fastgrpo-bench drift`` measures both)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
