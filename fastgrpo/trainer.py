@@ -140,6 +140,7 @@ class GRPOTrainer:
                 self._prepare_reference()
             if self.state["accuracy_before_grpo"] is None:
                 self.state["accuracy_before_grpo"] = self._timed("eval", self.evaluate)
+                self.history.append({"step": 0, "eval/accuracy": self.state["accuracy_before_grpo"]})
                 self._say(f"held-out accuracy after warm-up (before GRPO): "
                           f"{self.state['accuracy_before_grpo']:.3f}")
             with StepProgress(cfg.trainer.steps, self.step, enabled=cfg.trainer.progress and self.rank == 0) as bar:

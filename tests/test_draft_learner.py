@@ -59,6 +59,9 @@ def test_learner_raises_top1_agreement_and_acceptance():
         last = learner.update(train)["draft/top1_agreement"]
     after = heldout_agreement(draft, heldout)
     assert last > first + 0.3 and after > before + 0.3, (first, last, before, after)
+    # The draft scores through the policy's LM head, but its loss must never leave a gradient on
+    # the policy (it would leak into the next policy update).
+    assert all(p.grad is None for p in model.parameters())
     spec = spec_generator(model, draft, c_peak=256)
     trained = spec.generate(prompts[:4], params, torch.Generator().manual_seed(1)).mean_accepted_len
     draft.load_state_dict(start_state)

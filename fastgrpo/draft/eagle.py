@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastgrpo.rollout.hf_runner import RaggedKVCache, additive_mask
@@ -65,7 +66,11 @@ class EagleDraft(nn.Module):
                        cache=cache, use_cache=cache is not None,
                        position_embeddings=self.rotary(x, positions))
         h = self.norm(x)
-        return h, self.lm_head(h)
+        # The head is the policy's: its weight must get no gradient from the draft loss (it would
+        # leak into the next policy update). Gradients still flow to h.
+        head = self.lm_head
+        bias = None if getattr(head, "bias", None) is None else head.bias.detach()
+        return h, F.linear(h, head.weight.detach(), bias)
 
     def check_compatible(self, target: nn.Module) -> None:
         tc = target.config
