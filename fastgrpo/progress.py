@@ -12,7 +12,8 @@ def format_step(step: int, m: dict) -> str:
     parts = [f"step {step:>4}"]
     for key, label, fmt in (("reward/mean", "reward", "{:.3f}"), ("reward/accuracy", "acc", "{:.2f}"),
                             ("eval/accuracy", "eval_acc", "{:.3f}"), ("rollout/tokens_per_s", "tok/s", "{:.0f}"),
-                            ("rollout/mean_accepted_len", "accept", "{:.2f}"), ("time/step_s", "step", "{:.1f}s"),
+                            ("rollout/mean_accepted_len", "accept", "{:.2f}"),
+                            ("rollout/ar_forward_reduction", "fwd/AR", "{:.2f}x"), ("time/step_s", "step", "{:.1f}s"),
                             ("time/generation_share", "gen", "{:.0%}")):
         if key in m:
             parts.append(f"{label} " + fmt.format(m[key]))

@@ -4,6 +4,7 @@ speculative acceptance length."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fastgrpo.draft.eagle import EagleDraft
@@ -67,3 +68,18 @@ def test_learner_raises_top1_agreement_and_acceptance():
     draft.load_state_dict(start_state)
     untrained = spec.generate(prompts[:4], params, torch.Generator().manual_seed(1)).mean_accepted_len
     assert trained > untrained + 0.5, (trained, untrained)
+
+
+def test_draft_of_another_model_is_refused(tmp_path):
+    from fastgrpo.draft import load_draft_weights
+    from fastgrpo.draft.pretrain import save_draft
+
+    small = make_tiny_qwen2(vocab=16)
+    other = make_tiny_qwen2(vocab=20)
+    save_draft(EagleDraft(other), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="does not match the target.*vocab 16"):
+        load_draft_weights(EagleDraft(small), tmp_path / "other.pt")
+    save_draft(EagleDraft(small), tmp_path / "same.pt")
+    load_draft_weights(EagleDraft(small), tmp_path / "same.pt")
+    with pytest.raises(FileNotFoundError, match="draft.init_path"):
+        load_draft_weights(EagleDraft(small), tmp_path / "missing.pt")

@@ -154,3 +154,13 @@ def test_speculative_sampling_is_lossless(model, params, draft_kind):
         biased = spec_generator(model, draft, c_peak=n * 8, verifier=biased_argmax_verifier)
         bad = biased.generate([prompt] * n, params, torch.Generator().manual_seed(11))
         assert _chi2_pvalue(joint3_counts(bad.response_ids, vocab), exact) < 1e-6
+
+
+def test_every_row_done_at_the_first_token(model):
+    """A stop token as every row's first sample: no engine step runs, nothing is left cached."""
+    first = Generator(runner_factory(model), "ar").generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=1))
+    stops = tuple(sorted({r[0] for r in first.response_ids}))
+    out = spec_generator(model, EagleDraft(model)).generate(
+        PROMPTS, SamplingParams(temperature=0, max_new_tokens=20, stop_token_ids=stops))
+    assert out.steps == [] and out.finish_reasons == ["stop"] * len(PROMPTS)
+    assert out.response_ids == first.response_ids

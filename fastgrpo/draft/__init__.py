@@ -8,7 +8,13 @@ import torch
 
 from fastgrpo.config import DraftConfig
 from fastgrpo.draft.eagle import EagleDraft
-from fastgrpo.draft.learner import DraftLearner, check_draft_state, read_draft_state, sequences_from_rollouts
+from fastgrpo.draft.learner import (
+    DraftLearner,
+    check_draft_state,
+    read_draft_meta,
+    read_draft_state,
+    sequences_from_rollouts,
+)
 
 DRAFT_KINDS = ("eagle", "lm")  # lm: an independent small causal LM (fastgrpo.draft.lm)
 
@@ -26,9 +32,14 @@ def build_draft(cfg: DraftConfig, target: torch.nn.Module) -> EagleDraft:
 
 def load_draft_weights(draft: EagleDraft, path: Path) -> None:
     """Load a draft state; a draft built for another hidden size or vocabulary is refused."""
+    where = f"draft in {path} does not match the target (hidden size {draft.config.hidden_size}, vocab " \
+            f"{draft.config.vocab_size})"
+    meta = read_draft_meta(path)
+    for key in ("hidden_size", "vocab_size"):  # the head is the target's, so the vocab is not in the weights
+        if key in meta and meta[key] != getattr(draft.config, key):
+            raise ValueError(f"{where}: it was trained for {key}={meta[key]}")
     state = read_draft_state(path)
-    check_draft_state(draft.state_dict(), state, where=f"draft in {path} does not match the target (hidden size "
-                      f"{draft.config.hidden_size}, vocab {draft.config.vocab_size})")
+    check_draft_state(draft.state_dict(), state, where=where)
     draft.load_state_dict(state)
 
 

@@ -92,6 +92,15 @@ def read_draft_state(path) -> dict:
     return state.get("draft", state)
 
 
+def read_draft_meta(path) -> dict:
+    """What a ``.pt`` draft file says it was trained for ({} when it says nothing)."""
+    from pathlib import Path
+
+    if Path(path).suffix == ".safetensors" or not Path(path).is_file():
+        return {}
+    return dict(torch.load(path, map_location="cpu", weights_only=True).get("meta", {}))
+
+
 def check_draft_state(own: dict, state: dict, where: str, ignore: frozenset = frozenset()) -> None:
     bad = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}
     missing = sorted(set(own) - set(state) - ignore)

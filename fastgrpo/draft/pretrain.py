@@ -39,5 +39,6 @@ def save_draft(draft: EagleDraft, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"draft": draft.state_dict()}, tmp)
+    meta = {"kind": "eagle", "hidden_size": draft.config.hidden_size, "vocab_size": draft.config.vocab_size}
+    torch.save({"draft": draft.state_dict(), "meta": meta}, tmp)
     os.replace(tmp, path)

@@ -74,6 +74,9 @@ class Rollouts:
             "rollout/truncated_frac": sum(r == "length" for r in self.finish_reasons)
             / max(len(self.finish_reasons), 1),
             "rollout/target_forwards": float(len(self.steps)),
+            # Plain AR needs one target forward per token of the longest row (after the prefill):
+            # the forward-count speedup of a speculative rollout against that estimate.
+            "rollout/ar_forward_reduction": max(max(lengths) - 1, 0) / max(len(self.steps), 1),
             "rollout/mean_accepted_len": self.mean_accepted_len,
             "rollout/mean_concurrency": sum(s.concurrency for s in self.steps) / n,
             "rollout/draft_time_s": sum(s.draft_time_s for s in self.steps),
