@@ -135,7 +135,9 @@ class LMProposer:
         N_verify - 1 candidates globally. Beams of depth d are written at block slots
         (d-1)*K + j after the committed prefix (uncommitted: the next catch-up overwrites them)
         and see the prefix, their ancestors in the block, and themselves."""
-        b, k, depth = self.rows, budget.k, budget.depth
+        b, k = self.rows, budget.k
+        # A tree of N_verify - 1 nodes is never deeper than that: deeper expansions are wasted work.
+        depth = min(budget.depth, budget.n_verify - 1)
         dev = self.pend_len.device
         logp = self._catch_up()
         score, tok = logp.topk(k, dim=-1)  # depth 1: [B, K]

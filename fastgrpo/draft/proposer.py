@@ -95,7 +95,9 @@ class EagleProposer:
         """EAGLE-2: top-K children of the root; at each further depth expand the K best beams
         (cumulative draft log-prob) by their top-K children; finally keep the best N_verify - 1
         candidates globally."""
-        b, k, depth = self.rows, budget.k, budget.depth
+        b, k = self.rows, budget.k
+        # A tree of N_verify - 1 nodes is never deeper than that: deeper expansions are wasted work.
+        depth = min(budget.depth, budget.n_verify - 1)
         dev = roots.device
         h_root, logp = self._catch_up()
         score, tok = logp.topk(k, dim=-1)  # depth 1: [B, K]

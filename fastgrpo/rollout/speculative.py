@@ -67,7 +67,7 @@ class Speculative(DecodingMode):
         self.proposer.observe(path_hidden, tokens, path_len)
         t2 = time.perf_counter()
         stats = StepStats(concurrency=b, tokens_emitted=int(path_len.sum()), n_verify=tree.size,
-                          k=budget.k, depth=budget.depth, mean_accepted=float(path_len.float().mean()),
+                          k=budget.k, depth=int(tree.depth.max()), mean_accepted=float(path_len.float().mean()),
                           draft_time_s=t1 - t0, verify_time_s=t2 - t1)
         return StepOutput(tokens, token_lp, path_len, path_hidden, stats)
 
