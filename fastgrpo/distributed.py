@@ -36,6 +36,9 @@ def init_from_env(backend: str = "auto", timeout_s: int = 1800) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # A finite timeout turns a silent multi-node hang into an error naming the collective.
+    if backend == "nccl":
+        # Small CPU-side collectives (metrics, counts, flags) go over gloo in the same group.
+        backend = "cuda:nccl,cpu:gloo"
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 

@@ -21,6 +21,7 @@ from fastgrpo.checkpoint import CheckpointManager, capture_rng_state, resolve_re
 from fastgrpo.config import FastGRPOConfig
 from fastgrpo.data import PromptLoader, build_datasets
 from fastgrpo.draft import build_draft_components, sequences_from_rollouts
+from fastgrpo.launch import PreemptionGuard, signal_name
 from fastgrpo.models import is_preset, load_policy, model_fingerprint
 from fastgrpo.plots import plot_training_curves
 from fastgrpo.progress import StepProgress
@@ -34,6 +35,17 @@ log = logging.getLogger("fastgrpo")
 
 class TrainingError(RuntimeError):
     pass
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived: every rank finished the same step, a checkpoint of that step
+    was written and the MLflow run was ended KILLED with the tag ``fastgrpo.preempted=true``. Rerun
+    with ``checkpoint.resume=auto`` (same ``trainer.output_dir``) to continue; ``fastgrpo-train``
+    catches this and exits with code 0."""
+
+    def __init__(self, step: int, signal: str, checkpoint: Path | None):
+        super().__init__(f"preempted by {signal} after step {step}; checkpoint {checkpoint}")
+        self.step, self.signal, self.checkpoint = step, signal, checkpoint
 
 
 def pick_device(spec: str) -> torch.device:
@@ -54,7 +66,10 @@ def stop_token_ids(tokenizer, model) -> tuple[int, ...]:
 class GRPOTrainer:
     def __init__(self, cfg: FastGRPOConfig):
         self.cfg = cfg
-        dist_utils.init_from_env(cfg.backend.ddp_backend)
+        # $FASTGRPO_PG_TIMEOUT_S: how long a collective may wait before it fails (and names itself)
+        # instead of hanging; lower it on clusters to find a dead node sooner (launchers/README.md).
+        dist_utils.init_from_env(cfg.backend.ddp_backend,
+                                 timeout_s=int(os.environ.get("FASTGRPO_PG_TIMEOUT_S", "1800")))
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.device = pick_device(cfg.trainer.device)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -114,6 +129,16 @@ class GRPOTrainer:
 
     # ---- the loop --------------------------------------------------------------------------
     def run(self) -> dict:
+        """Train; raises :class:`Preempted` after a SIGTERM/SIGUSR1 (checkpoint written first).
+        The signal handlers live only while this runs (main thread only; the previous ones return)."""
+        self.preemption = PreemptionGuard()
+        self.preemption.install()
+        try:
+            return self._run()
+        finally:
+            self.preemption.restore()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         t_start = time.perf_counter()
         resume_from = resolve_resume(cfg.checkpoint.resume, self.ckpt.dir)
@@ -130,7 +155,8 @@ class GRPOTrainer:
         with tracker:
             if resume_state is not None:  # continue the earlier segment's MLflow run when we can
                 tracker.start(cfg.tracking.run_name or self.out_dir.name, flatten_config(cfg),
-                              tags={"fastgrpo.resumed_from_step": int(resume_state["step"])},
+                              tags={"fastgrpo.resumed_from_step": int(resume_state["step"]),
+                                    "fastgrpo.preempted": "false"},
                               run_id=self._mlflow_run_to_continue(tracker))
             else:
                 tracker.start(cfg.tracking.run_name or self.out_dir.name, flatten_config(cfg))
@@ -155,6 +181,9 @@ class GRPOTrainer:
                     bar.update(self.step, metrics)
                     if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                         self.save_checkpoint()
+                    # Every rank takes the same decision after the same step (one all-reduce).
+                    if self.preemption.should_stop(self.device):
+                        self._stop_preempted(tracker)
             acc_after = self._timed("eval", self.evaluate)
             self.history.append({"step": self.step, "eval/accuracy": acc_after})
             tracker.log_metrics({"eval/accuracy": acc_after}, step=self.step)
@@ -221,6 +250,16 @@ class GRPOTrainer:
         metrics["time/step_s"] = step_time
         metrics["time/generation_share"] = times["generation"] / max(step_time, 1e-9)
         return metrics
+
+    def _stop_preempted(self, tracker: Tracker) -> None:
+        path = self.save_checkpoint() if self._saved_step != self.step else self.ckpt.latest()
+        sig = signal_name(self.preemption.received) if self.preemption.requested else "a signal on another rank"
+        self._say(f"preempted ({sig}) after step {self.step}/{self.cfg.trainer.steps}: checkpoint "
+                  f"{path}; rerun with checkpoint.resume=auto and the same trainer.output_dir to continue")
+        tracker.set_tags({"fastgrpo.preempted": "true", "fastgrpo.preempted_at_step": self.step,
+                          "fastgrpo.preempted_by": sig})
+        tracker.finish("KILLED")
+        raise Preempted(self.step, sig, path)
 
     # ---- pieces ----------------------------------------------------------------------------
     def evaluate(self) -> float:

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statistic", default="median", choices=["median", "min"],
                    help="latency per point over the repeats (min: steadier on a busy shared CPU)")
     p.add_argument("--frac", type=float, default=0.95, help="the knee: this fraction of peak throughput")
+    p.add_argument("--latency-tol", type=float, default=2.0,
+                   help="cap the knee where forward latency exceeds this multiple of the 1-token latency "
+                        "(binds on CPUs; 0 disables)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--force", action="store_true", help="re-measure even when cached")
     p.add_argument("--out-png", default=None, help="plot path (default: next to the JSON cache)")
@@ -99,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokens_per_forward=args.tokens, max_tokens=args.max_tokens, prefix_len=args.prefix_len,
         max_rows=args.max_rows, max_tree=args.max_tree, warmup=args.warmup, repeats=args.repeats,
         statistic=args.statistic,
-        frac=args.frac, out_png=args.out_png,
+        frac=args.frac, latency_tol=args.latency_tol or None, out_png=args.out_png,
     )
     print_profile(prof)
     return 0

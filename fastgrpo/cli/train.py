@@ -24,10 +24,16 @@ def to_config(cfg: DictConfig) -> FastGRPOConfig:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _main(cfg: DictConfig) -> None:
-    from fastgrpo.trainer import GRPOTrainer
+    from fastgrpo.trainer import GRPOTrainer, Preempted
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    GRPOTrainer(to_config(cfg)).run()
+    try:
+        GRPOTrainer(to_config(cfg)).run()
+    except Preempted:
+        # SIGTERM/SIGUSR1: the step finished, a checkpoint was written and the trainer said where.
+        # Exit 0 so that torchrun / the deepspeed launcher do not treat it as a failure (and never
+        # restart workers); the job script requeues and the next run uses checkpoint.resume=auto.
+        return
 
 
 def main() -> None:

@@ -209,10 +209,16 @@ def _median3(v: list[float]) -> list[float]:
     return [statistics.median(pad[i : i + 3]) for i in range(len(v))]
 
 
-def knee_details(points: Sequence[PointLike], frac: float = 0.95) -> dict[str, Any]:
+def knee_details(points: Sequence[PointLike], frac: float = 0.95, latency_tol: float | None = None) -> dict[str, Any]:
     """The knee and how it was found: ``c_peak``, ``peak_throughput_tok_s`` (of the smoothed
     curve), ``threshold_tok_s``, ``saturated`` (some larger count also reached the threshold:
-    False means the sweep may have stopped before the plateau; sweep further), ``smoothed``."""
+    False means the sweep may have stopped before the plateau; sweep further), ``smoothed``.
+
+    ``latency_tol`` also caps the knee where latency leaves its flat region: the largest count
+    whose forward latency stays within ``latency_tol`` x the smallest count's. On a GPU latency is
+    flat up to the throughput knee and the cap does not bind; on a CPU latency grows almost from
+    the first tokens, throughput saturates only at hundreds of tokens, and verifying that many
+    tokens per forward would make every speculative step several AR steps long."""
     if not 0 < frac <= 1:
         raise ValueError(f"frac must be in (0, 1], got {frac}")
     xs, ys = _curve(points)
@@ -228,8 +234,16 @@ def knee_details(points: Sequence[PointLike], frac: float = 0.95) -> dict[str, A
                 if y >= threshold and (i == n - 1 or any(v >= threshold for v in ys[i + 1 : i + 3]))), None)
     if idx is None:
         idx = next(i for i, y in enumerate(ys) if y >= threshold)
+    c_peak, latency_cap = xs[idx], None
+    if latency_tol is not None:
+        lat = [x / max(y, 1e-12) for x, y in zip(xs, sm)]  # seconds per forward (smoothed curve)
+        flat = [x for x, v in zip(xs, lat) if v <= latency_tol * lat[0]]
+        latency_cap = max(flat) if flat else xs[0]
+        c_peak = min(c_peak, latency_cap)
     return {
-        "c_peak": xs[idx],
+        "c_peak": c_peak,
+        "throughput_knee": xs[idx],
+        "latency_cap": latency_cap,
         "peak_throughput_tok_s": peak,
         "threshold_tok_s": threshold,
         "saturated": idx < len(xs) - 1,
@@ -238,14 +252,14 @@ def knee_details(points: Sequence[PointLike], frac: float = 0.95) -> dict[str, A
     }
 
 
-def find_knee(points: Sequence[PointLike], frac: float = 0.95) -> int:
+def find_knee(points: Sequence[PointLike], frac: float = 0.95, latency_tol: float | None = None) -> int:
     """Smallest token count whose throughput reaches ``frac`` x peak (the peak of the 3-point
     median filtered curve), confirmed by one of the next two points (see the module docstring).
 
     ``points``: dicts with ``tokens`` and ``throughput_tok_s`` (as returned by
     :func:`measure_forward_latency`) or ``(tokens, throughput)`` pairs.
     """
-    return int(knee_details(points, frac)["c_peak"])
+    return int(knee_details(points, frac, latency_tol)["c_peak"])
 
 
 # ----------------------------------------------------------------------------- cache + plot
@@ -325,14 +339,14 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def plot_profile(points: Sequence[dict[str, Any]], out: str | os.PathLike, frac: float = 0.95,
-                 title: str = "") -> Path:
+                 title: str = "", latency_tol: float | None = None) -> Path:
     """PNG: latency and throughput against tokens per forward, the knee and the threshold marked."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    info = knee_details(points, frac)
+    info = knee_details(points, frac, latency_tol)
     xs = [p["tokens"] for p in points]
     fig = Figure(figsize=(11.0, 4.0), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -407,6 +421,7 @@ def load_or_profile(
     repeats: int = 5,
     statistic: str = "median",
     frac: float = 0.95,
+    latency_tol: float | None = 2.0,
     out_png: str | os.PathLike | None = None,
 ) -> CPeakProfile:
     """The cached profile for this key, or a fresh sweep (also when ``force``), saved atomically.
@@ -438,19 +453,19 @@ def load_or_profile(
     grid = list(tokens_per_forward) if tokens_per_forward else default_token_grid(max_tokens)
     settings = {"tokens_per_forward": grid, "prefix_len": prefix_len, "max_rows": max_rows,
                 "max_tree": max_tree, "warmup": warmup, "repeats": repeats, "statistic": statistic,
-                "frac": frac}
+                "frac": frac, "latency_tol": latency_tol}
     logger.info("profiling C_peak for %s over %d token counts", about["model"], len(grid))
     t0 = time.perf_counter()
     points = measure_forward_latency(runner_factory, grid, prefix_len=prefix_len, max_rows=max_rows,
                                      max_tree=max_tree, warmup=warmup, repeats=repeats, statistic=statistic)
-    info = knee_details(points, frac)
+    info = knee_details(points, frac, latency_tol)
     if not info["saturated"]:
         logger.warning("C_peak sweep did not reach a throughput plateau by %d tokens per forward; "
                        "the knee may be larger (raise max_tokens)", info["tokens"][-1])
     title = f"{about['model']} {key['dtype']} on {key['device']} [{layout}]: C_peak = {info['c_peak']}"
     png_written: Path | None = None
     try:
-        png_written = plot_profile(points, png, frac, title)
+        png_written = plot_profile(points, png, frac, title, latency_tol)
     except Exception as e:  # noqa: BLE001 - a plot must never cost the measurement
         logger.warning("could not write the C_peak plot %s: %s", png, e)
     data = {
