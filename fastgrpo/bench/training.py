@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fastgrpo.config import FastGRPOConfig
+from fastgrpo.config import FastGRPOConfig, RolloutConfig
 from fastgrpo.draft import EagleDraft
 from fastgrpo.rollout import SamplingParams
 from fastgrpo.rollout.factory import build_generator
@@ -37,17 +37,22 @@ def bench_config(target_folder: Path, out_dir: Path, mode: str, steps: int, c_pe
     return cfg
 
 
+PROBE_TREE = {"static_tokens": 16, "static_topk": 4, "static_depth": 4}
+
+
 def _probe(trainer, draft, prompts, params, seed: int) -> float:
-    """Mean accepted length of ``draft`` on fixed prompts under the current policy."""
-    gen = build_generator(trainer.cfg.rollout, trainer.backend.target_runner, draft,
-                          trainer.cfg.rollout.c_peak)
+    """Mean accepted length of ``draft`` on fixed prompts under the current policy, with a fixed
+    tree (PROBE_TREE): it measures the draft, not the concurrency-dependent budget (which is AR
+    at high concurrency on a CPU and would hide any drift)."""
+    cfg = RolloutConfig(**{**trainer.cfg.rollout.__dict__, "mode": "static", **PROBE_TREE})
+    gen = build_generator(cfg, trainer.backend.target_runner, draft)
     with trainer.backend.generation_mode():
         out = gen.generate(prompts, params, torch.Generator().manual_seed(seed))
     return out.mean_accepted_len
 
 
 def bench_drift(target_folder: Path, draft_init: str, out_dir: Path, steps: int, c_peak: int,
-                probe_prompts: int = 8, probe_samples: int = 4, say=print) -> dict:
+                probe_prompts: int = 8, probe_samples: int = 1, say=print) -> dict:
     """One GRPO run with online draft learning; after every step the online draft and a frozen
     copy of the initial draft are probed on the same prompts with the same seed."""
     from fastgrpo.trainer import GRPOTrainer
@@ -70,7 +75,7 @@ def bench_drift(target_folder: Path, draft_init: str, out_dir: Path, steps: int,
                      "accepted_len_rollout": m["rollout/mean_accepted_len"], "reward": m["reward/mean"],
                      "draft_top1": m.get("draft/top1_agreement")})
         say(f"step {step:>3}: accepted length online {online:.2f} frozen {fixed:.2f} reward {m['reward/mean']:.3f}")
-    return {"steps": rows, "c_peak": c_peak, "draft_init": draft_init}
+    return {"steps": rows, "c_peak": c_peak, "draft_init": draft_init, "probe_tree": PROBE_TREE}
 
 
 def bench_e2e(target_folder: Path, draft_init: str, out_dir: Path, steps: int, c_peak: int,

@@ -48,6 +48,13 @@ class EagleProposer:
     def observe(self, hidden: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> None:
         """Queue (target hidden at each accepted node, the token emitted after it) per row."""
         b, n = tokens.shape
+        if n == 1 and bool((counts == 1).all()):  # an AR step: one pair per row, no masking
+            rows = torch.arange(b, device=tokens.device)
+            pos = self.pend_len[:b]
+            self.pend_h[rows, pos] = hidden[:, 0].to(self.pend_h.dtype)
+            self.pend_tok[rows, pos] = tokens[:, 0]
+            self.pend_len[:b] += 1
+            return
         j = torch.arange(n, device=tokens.device).unsqueeze(0)
         valid = j < counts.unsqueeze(1)
         pos = (self.pend_len[:b].unsqueeze(1) + j).clamp(max=self.pend_h.shape[1] - 1)

@@ -62,19 +62,24 @@ class DecodingMode:
         raise NotImplementedError
 
 
+def autoregressive_step(runner, last_tokens, params, generator) -> StepOutput:
+    """One plain AR step: forward the last tokens, cache them, sample the next."""
+    b = last_tokens.shape[0]
+    dev = last_tokens.device
+    t0 = time.perf_counter()
+    zero = torch.zeros(b, 1, dtype=torch.long, device=dev)
+    logits, hidden = runner.forward(last_tokens.unsqueeze(1), zero, torch.ones(b, 1, 1, dtype=torch.bool, device=dev))
+    ones = torch.ones(b, dtype=torch.long, device=dev)
+    runner.commit(zero, ones)
+    tokens, logprobs, _ = sample(logits[:, 0], params, generator)
+    stats = StepStats(concurrency=b, tokens_emitted=b, verify_time_s=time.perf_counter() - t0)
+    return StepOutput(tokens.unsqueeze(1), logprobs.unsqueeze(1), ones, hidden, stats)
+
+
 @register_mode("ar")
 class Autoregressive(DecodingMode):
     def step(self, runner, last_tokens, params, generator) -> StepOutput:
-        b = last_tokens.shape[0]
-        dev = last_tokens.device
-        t0 = time.perf_counter()
-        zero = torch.zeros(b, 1, dtype=torch.long, device=dev)
-        logits, hidden = runner.forward(last_tokens.unsqueeze(1), zero, torch.ones(b, 1, 1, dtype=torch.bool, device=dev))
-        ones = torch.ones(b, dtype=torch.long, device=dev)
-        runner.commit(zero, ones)
-        tokens, logprobs, _ = sample(logits[:, 0], params, generator)
-        stats = StepStats(concurrency=b, tokens_emitted=b, verify_time_s=time.perf_counter() - t0)
-        return StepOutput(tokens.unsqueeze(1), logprobs.unsqueeze(1), ones, hidden, stats)
+        return autoregressive_step(runner, last_tokens, params, generator)
 
 
 class Generator:

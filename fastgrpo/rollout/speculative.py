@@ -17,9 +17,9 @@ import torch
 
 from fastgrpo.rollout.base import StepStats
 from fastgrpo.rollout.budget import Budget
-from fastgrpo.rollout.generator import DecodingMode, StepOutput, register_mode
+from fastgrpo.rollout.generator import DecodingMode, StepOutput, autoregressive_step, register_mode
 from fastgrpo.rollout.sampling import processed_logprobs, sample_from_logprobs
-from fastgrpo.rollout.tree import chain_tree, walk_tree
+from fastgrpo.rollout.tree import walk_tree
 
 ProposerFactory = Callable[[int, int, int], "object"]  # (max_batch, max_len, tree_slots) -> proposer
 
@@ -52,11 +52,13 @@ class Speculative(DecodingMode):
     def step(self, runner, last_tokens, params, generator):
         b = last_tokens.shape[0]
         budget = self.budget_fn(b)
+        if not budget.speculative:
+            # Step aside: exactly an AR step (same draws), the draft only queues what it will read.
+            out = autoregressive_step(runner, last_tokens, params, generator)
+            self.proposer.observe(out.hidden, out.tokens, out.counts)
+            return out
         t0 = time.perf_counter()
-        if budget.speculative:
-            tree = self.proposer.propose(last_tokens, budget)
-        else:
-            tree = chain_tree(last_tokens)
+        tree = self.proposer.propose(last_tokens, budget)
         t1 = time.perf_counter()
         logits, hidden = runner.forward(tree.tokens, tree.depth, tree.mask)
         logprobs = processed_logprobs(logits, params)

@@ -68,13 +68,6 @@ def select_tree(roots: torch.Tensor, cand_tokens: torch.Tensor, cand_parent: tor
     return TreeBatch(tokens, parent, depth, ancestor_mask(parent, max_depth))
 
 
-def chain_tree(roots: torch.Tensor) -> TreeBatch:
-    """The one-node tree of a plain autoregressive step."""
-    b = roots.shape[0]
-    z = torch.zeros(b, 1, dtype=torch.long, device=roots.device)
-    return TreeBatch(roots.unsqueeze(1), z, z, torch.ones(b, 1, 1, dtype=torch.bool, device=roots.device))
-
-
 def walk_tree(tree: TreeBatch, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Follow the samples down the tree. samples[b, i] is the target's draw at node i.
 
