@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -42,7 +41,7 @@ def init_from_env(backend: str = "auto", timeout_s: int = 1800) -> None:
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def all_reduce_sum(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     if is_initialized():
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
-
+from collections.abc import Callable
 
 from fastgrpo.backends import PolicyBackend, build_policy_batch
 from fastgrpo.config import WarmupConfig

@@ -135,6 +135,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             res["c_peak_error"] = str(e)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(res, f)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

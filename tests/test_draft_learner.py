@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_qwen2
+from test_speculative import spec_generator
 
 from fastgrpo.draft.eagle import EagleDraft
 from fastgrpo.draft.learner import DraftLearner, draft_loss, sequences_from_rollouts
 from fastgrpo.rollout import Generator, SamplingParams
 from fastgrpo.rollout.hf_runner import HFTargetRunner
-
-from conftest import make_tiny_qwen2
-from test_speculative import spec_generator
 
 
 def test_captured_features_equal_a_full_forward():

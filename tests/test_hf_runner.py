@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_qwen2
 
 from fastgrpo.rollout import Generator, SamplingParams
 from fastgrpo.rollout.hf_runner import HFTargetRunner
-
-from conftest import make_tiny_qwen2
 
 
 def full_logits(model, seq):
@@ -29,7 +28,7 @@ def test_tree_forward_commit_and_drop_match_full_forward(attn):
     tokens = torch.tensor([[12, 13, 14, 15]] * 3)
     depths = torch.tensor([[0, 1, 1, 2]] * 3)
     tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool).expand(3, 4, 4)
-    logits, hidden = runner.forward(tokens, depths, tree)
+    logits, _ = runner.forward(tokens, depths, tree)
     for i, p in enumerate(prompts):
         for node, path in [(0, [12]), (1, [12, 13]), (2, [12, 14]), (3, [12, 13, 15])]:
             assert torch.allclose(logits[i, node], full_logits(model, p + path), atol=1e-5), (i, node)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_qwen2
+from test_sampling import _chi2_pvalue
 
 from fastgrpo.draft.eagle import EagleDraft
 from fastgrpo.draft.proposer import EagleProposer
@@ -14,9 +16,6 @@ from fastgrpo.rollout.hf_runner import HFTargetRunner
 from fastgrpo.rollout.sampling import processed_logprobs
 from fastgrpo.rollout.speculative import verify_exact
 from fastgrpo.rollout.tree import walk_tree
-
-from conftest import make_tiny_qwen2
-from test_sampling import _chi2_pvalue
 
 
 def runner_factory(model):
@@ -125,7 +124,7 @@ def joint3_counts(responses, vocab):
 
 def biased_argmax_verifier(tree, logprobs, params, generator):
     """The bias peers ship: accept a draft token when it is the target's argmax."""
-    b, t, _ = logprobs.shape
+    b = logprobs.shape[0]
     path, path_len, tokens, lp = verify_exact(tree, logprobs, params, generator)
     greedy = logprobs.argmax(-1)
     gpath, glen = walk_tree(tree, greedy)

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_tiny_qwen2
 
 from fastgrpo.backends import build_policy_batch
 from fastgrpo.backends.torch_backend import TorchBackend, build_scheduler
 from fastgrpo.config import AlgoConfig, OptimConfig
-
-from conftest import make_tiny_qwen2
 
 
 def make_batch(n=8, seed=0):
@@ -93,6 +92,8 @@ def _ddp_worker(rank, world, port, out):
         m = b.train_step(batch.rows(slice(rank * half, (rank + 1) * half)))
         if rank == 0:
             torch.save({"params": flat_params(b.model), "loss": m["loss"]}, out)
+        del b  # DDP's reducer goes before the group does
+        dist.barrier()  # no rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

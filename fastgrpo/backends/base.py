@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 
@@ -26,29 +27,29 @@ class PolicyBatch:
     input_ids: torch.Tensor  # [N, S] long
     attention_mask: torch.Tensor  # [N, S] bool
     loss_mask: torch.Tensor  # [N, S] bool
-    advantages: Optional[torch.Tensor] = None  # [N] (GRPO); None for SFT
+    advantages: torch.Tensor | None = None  # [N] (GRPO); None for SFT
 
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
 
-    def rows(self, idx: slice | torch.Tensor) -> "PolicyBatch":
+    def rows(self, idx: slice | torch.Tensor) -> PolicyBatch:
         adv = None if self.advantages is None else self.advantages[idx]
         return PolicyBatch(self.input_ids[idx], self.attention_mask[idx], self.loss_mask[idx], adv)
 
-    def trimmed(self) -> "PolicyBatch":
+    def trimmed(self) -> PolicyBatch:
         """Drop trailing all-padding columns (micro-batches are often shorter than the batch)."""
         width = int(self.attention_mask.any(0).nonzero().max()) + 1
         adv = self.advantages
         return PolicyBatch(self.input_ids[:, :width], self.attention_mask[:, :width], self.loss_mask[:, :width], adv)
 
-    def to(self, device) -> "PolicyBatch":
+    def to(self, device) -> PolicyBatch:
         adv = None if self.advantages is None else self.advantages.to(device)
         return PolicyBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device), adv)
 
 
 def build_policy_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                       advantages: Optional[torch.Tensor] = None) -> PolicyBatch:
+                       advantages: torch.Tensor | None = None) -> PolicyBatch:
     n = len(prompts)
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
     ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -73,7 +74,7 @@ class PolicyBackend(ABC):
         """One GRPO update on this rank's rows; returns metrics (already reduced over ranks)."""
 
     @abstractmethod
-    def sft_step(self, batch: PolicyBatch, lr: Optional[float] = None) -> dict[str, float]:
+    def sft_step(self, batch: PolicyBatch, lr: float | None = None) -> dict[str, float]:
         """One supervised step (cold-start warm-up): mean token NLL on loss_mask."""
 
     @abstractmethod

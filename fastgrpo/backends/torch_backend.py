@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -46,7 +47,7 @@ def response_logprobs(model, batch: PolicyBatch, temperature: float = 1.0) -> to
 
 class TorchBackend(PolicyBackend):
     def __init__(self, model: torch.nn.Module, tokenizer, algo: AlgoConfig, optim: OptimConfig,
-                 total_steps: int, temperature: float = 1.0, max_response_len: Optional[int] = None):
+                 total_steps: int, temperature: float = 1.0, max_response_len: int | None = None):
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
         self._model = model
         self.tokenizer = tokenizer
@@ -62,7 +63,7 @@ class TorchBackend(PolicyBackend):
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
-        self.reference: Optional[torch.nn.Module] = None
+        self.reference: torch.nn.Module | None = None
         if algo.kl_beta != 0:
             self.reset_reference()
         self.train_attn = model.config._attn_implementation
@@ -134,7 +135,7 @@ class TorchBackend(PolicyBackend):
                 outs.append(response_logprobs(model, mb, self.temperature))
             return torch.cat(outs)
 
-    def _update(self, batch: PolicyBatch, old: Optional[torch.Tensor], ref: Optional[torch.Tensor]):
+    def _update(self, batch: PolicyBatch, old: torch.Tensor | None, ref: torch.Tensor | None):
         mask_all = batch.loss_mask[:, 1:]
         # Normalise by the global batch so that micro-batch and rank contributions sum to the
         # full-batch loss; DDP averages gradients, hence the world_size factor.
@@ -180,7 +181,7 @@ class TorchBackend(PolicyBackend):
         metrics.update(loss=loss_total, grad_norm=grad_norm, nonfinite=float(nonfinite))
         return metrics
 
-    def sft_step(self, batch: PolicyBatch, lr: Optional[float] = None) -> dict[str, float]:
+    def sft_step(self, batch: PolicyBatch, lr: float | None = None) -> dict[str, float]:
         batch = batch.to(self.device)
         if lr is not None:
             for g in self.optimizer.param_groups:

@@ -180,7 +180,6 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer for ``cfg.path`` (a preset name or a local folder), with a pad token."""
     if is_preset(cfg.path):
         return _ensure_pad_token(_preset_tokenizer(cfg), cfg.path)
-    from transformers import AutoTokenizer
 
     _check_folder(cfg.path)
     _check_tokenizer_files(cfg.path)

@@ -7,7 +7,7 @@ DeepSpeed, Megatron) each provide one for their parallel layout.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 
@@ -51,7 +51,7 @@ class Rollouts:
     wall_time_s: float = 0.0
     # Per row: the target's final hidden state at positions 0 .. len(prompt)+len(response)-2
     # (position t predicted token t+1), when the generator captured them.
-    features: Optional[list[torch.Tensor]] = None
+    features: list[torch.Tensor] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -13,7 +13,7 @@ from fastgrpo.rollout.generator import Generator, RunnerFactory
 SPECULATIVE_MODES = ("fastgrpo", "static")
 
 
-def budget_controller(cfg: RolloutConfig, c_peak: Optional[int]) -> BudgetController:
+def budget_controller(cfg: RolloutConfig, c_peak: int | None) -> BudgetController:
     if cfg.mode == "static":
         return BudgetController.static(cfg.static_tokens, cfg.static_topk, cfg.static_depth)
     params = BudgetParams(c_peak=int(c_peak), n_max=cfg.n_max, k_max=cfg.k_max, l_min=cfg.l_min,
@@ -21,8 +21,8 @@ def budget_controller(cfg: RolloutConfig, c_peak: Optional[int]) -> BudgetContro
     return BudgetController(params, mode=cfg.concurrency_aggregate)
 
 
-def build_generator(cfg: RolloutConfig, runner_factory: RunnerFactory, draft: Optional[torch.nn.Module] = None,
-                    c_peak: Optional[int] = None, proposer_factory: Optional[Callable] = None) -> Generator:
+def build_generator(cfg: RolloutConfig, runner_factory: RunnerFactory, draft: torch.nn.Module | None = None,
+                    c_peak: int | None = None, proposer_factory: Callable | None = None) -> Generator:
     if cfg.mode == "ar":
         return Generator(runner_factory, "ar")
     if cfg.mode not in SPECULATIVE_MODES:
@@ -32,7 +32,7 @@ def build_generator(cfg: RolloutConfig, runner_factory: RunnerFactory, draft: Op
 
         if draft is None:
             raise ValueError(f"rollout.mode={cfg.mode} needs a draft model")
-        proposer_factory = lambda b, max_len, slots: EagleProposer(draft, b, max_len, slots)  # noqa: E731
+        proposer_factory = lambda b, max_len, slots: EagleProposer(draft, b, max_len, slots)
     ctrl = budget_controller(cfg, c_peak)
     if cfg.mode == "static":
         max_verify, slots = cfg.static_tokens, cfg.static_topk * cfg.static_depth

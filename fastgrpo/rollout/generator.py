@@ -8,8 +8,8 @@ distribution. Speculative modes (``static``, ``fastgrpo``) plug in through ``reg
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -18,7 +18,7 @@ from fastgrpo.rollout.sampling import sample
 
 RunnerFactory = Callable[[int, int], TargetRunner]  # (max_batch, max_len) -> runner
 
-_MODES: dict[str, type["DecodingMode"]] = {}
+_MODES: dict[str, type[DecodingMode]] = {}
 
 
 def register_mode(name: str):

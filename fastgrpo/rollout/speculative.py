@@ -11,7 +11,7 @@ N_verify < 2 the step is a plain autoregressive step (never slower than AR, bar 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
