@@ -19,6 +19,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastgrpo-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("part", choices=["rollout", "drift", "e2e"], help="which benchmark")
     p.add_argument("--steps", type=int, default=20, help="GRPO steps (drift, e2e)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="drift: start the draft from scratch instead of the pretrained one")
     p.add_argument("--preset", default="small")
     p.add_argument("--out", default="bench")
     p.add_argument("--cache-dir", default=".cache/fastgrpo/bench")
@@ -72,8 +74,9 @@ def _training_part(a, folder: Path, c_peak: int, out: Path) -> int:
 
     draft_init = str(Path(folder) / f"draft-eagle-{a.draft_steps}.pt")
     if a.part == "drift":
-        result = bench_drift(folder, draft_init, out, a.steps, c_peak)
-        _write(out, "drift", result, plot_drift(result, out / "drift.png"), a, c_peak)
+        name = "drift_scratch" if a.from_scratch else "drift"
+        result = bench_drift(folder, None if a.from_scratch else draft_init, out, a.steps, c_peak)
+        _write(out, name, result, plot_drift(result, out / f"{name}.png"), a, c_peak)
     else:
         result = bench_e2e(folder, draft_init, out, a.steps, c_peak)
         _write(out, "e2e", result, plot_e2e(result, out / "e2e.png"), a, c_peak)
