@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -108,14 +109,20 @@ def check_draft_state(own: dict, state: dict, where: str, ignore: frozenset = fr
         raise ValueError(f"{where}: shape mismatches {bad}, missing {missing[:5]}")
 
 
-class DraftLearner:
-    def __init__(self, draft: EagleDraft, lr: float = 1e-4, weight_decay: float = 0.0, token_budget: int = 4096,
-                 grad_clip: float = 1.0, w_hidden: float = 2.0, w_ce: float = 0.1):
+class OnlineDraftLearner:
+    """What every online draft learner shares: one AdamW step per ``update`` on all sequences,
+    gradient accumulation over micro-batches of at most ``token_budget`` padded tokens, a loss
+    normalised by the global token count, gradients summed over ranks. Subclasses define how a
+    micro-batch is collated, how many loss tokens it has, its loss, and the metric names."""
+
+    metric_names: ClassVar[dict[str, str]] = {}  # sums key -> metric name (divided by the token count)
+
+    def __init__(self, draft: torch.nn.Module, lr: float = 1e-4, weight_decay: float = 0.0,
+                 token_budget: int = 4096, grad_clip: float = 1.0):
         self.draft = draft
         self.optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=lr,
                                            weight_decay=weight_decay)
         self.token_budget, self.grad_clip = token_budget, grad_clip
-        self.w_hidden, self.w_ce = w_hidden, w_ce
 
     def _micro_batches(self, seqs: list[DraftSequence]) -> list[list[DraftSequence]]:
         """Pack sequences (longest first) so each micro-batch's padded size stays in budget."""
@@ -132,6 +139,67 @@ class DraftLearner:
             batches.append(cur)
         return batches
 
+    def _collate_batch(self, seqs: list[DraftSequence], device, dtype) -> tuple:
+        raise NotImplementedError
+
+    def _loss_tokens(self, batch: tuple) -> int:
+        raise NotImplementedError
+
+    def _loss(self, batch: tuple, num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def update(self, seqs: list[DraftSequence]) -> dict[str, float]:
+        """One optimizer step over all sequences. Under torch.distributed every rank must call it
+        (with its own rows, possibly none): the gradients are summed over ranks so the draft
+        stays identical everywhere."""
+        p = next(self.draft.parameters())
+        self.draft.train()
+        batches = [self._collate_batch(mb, p.device, p.dtype) for mb in self._micro_batches(seqs)] if seqs else []
+        total = float(dist_utils.all_reduce_sum(
+            torch.tensor(float(sum(self._loss_tokens(b) for b in batches)), dtype=torch.float64)))
+        sums = {k: 0.0 for k in (*self.metric_names, "top1", "tokens")}
+        loss_sum = 0.0
+        for batch in batches:
+            if self._loss_tokens(batch) == 0:
+                continue
+            loss, s = self._loss(batch, max(total, 1.0))
+            loss.backward()
+            loss_sum += loss.item()
+            for k in sums:
+                sums[k] += s[k]
+        norm = apply_draft_gradients(self.draft, self.optimizer, self.grad_clip)
+        n = max(sums["tokens"], 1.0)
+        return {"draft/loss": loss_sum, **{name: sums[k] / n for k, name in self.metric_names.items()},
+                "draft/top1_agreement": sums["top1"] / n, "draft/tokens": sums["tokens"], "draft/grad_norm": norm}
+
+    def state_dict(self) -> dict:
+        return {"draft": self.draft.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draft.load_state_dict(state["draft"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class DraftLearner(OnlineDraftLearner):
+    """The EAGLE head's learner: 2.0 x SmoothL1 on the next hidden state + 0.1 x soft CE."""
+
+    metric_names: ClassVar[dict[str, str]] = {"l1": "draft/smooth_l1", "ce": "draft/ce"}
+
+    def __init__(self, draft: EagleDraft, lr: float = 1e-4, weight_decay: float = 0.0, token_budget: int = 4096,
+                 grad_clip: float = 1.0, w_hidden: float = 2.0, w_ce: float = 0.1):
+        super().__init__(draft, lr, weight_decay, token_budget, grad_clip)
+        self.w_hidden, self.w_ce = w_hidden, w_ce
+
+    def _collate_batch(self, seqs, device, dtype):
+        return self._collate(seqs, device, dtype)
+
+    def _loss_tokens(self, batch) -> int:
+        return int(batch[2][:, :-1].sum())
+
+    def _loss(self, batch, num_tokens):
+        hidden, tokens, mask = batch
+        return draft_loss(self.draft, hidden, tokens, mask, self.w_hidden, self.w_ce, num_tokens=num_tokens)
+
     @staticmethod
     def _collate(seqs: list[DraftSequence], device, dtype):
         t = max(len(s.tokens) - 1 for s in seqs)
@@ -146,32 +214,3 @@ class DraftLearner:
             # pair t predicts h_{t+1}: a response position when t+1 >= response_start.
             mask[i, max(s.response_start - 1, 0): n - 1] = True
         return hidden, tokens, mask
-
-    def update(self, seqs: list[DraftSequence]) -> dict[str, float]:
-        """One optimizer step over all sequences (gradient accumulation over micro-batches).
-        Under torch.distributed every rank must call it (with its own rows, possibly none): the
-        gradients are summed over ranks so the draft stays identical everywhere."""
-        p = next(self.draft.parameters())
-        self.draft.train()
-        batches = [self._collate(mb, p.device, p.dtype) for mb in self._micro_batches(seqs)] if seqs else []
-        total = float(dist_utils.all_reduce_sum(
-            torch.tensor(float(sum(m[:, :-1].sum() for _, _, m in batches)), dtype=torch.float64)))
-        sums = {"l1": 0.0, "ce": 0.0, "top1": 0.0, "tokens": 0.0}
-        loss_sum = 0.0
-        for hidden, tokens, mask in batches:
-            loss, s = draft_loss(self.draft, hidden, tokens, mask, self.w_hidden, self.w_ce, num_tokens=max(total, 1.0))
-            loss.backward()
-            loss_sum += loss.item()
-            for k in sums:
-                sums[k] += s[k]
-        norm = apply_draft_gradients(self.draft, self.optimizer, self.grad_clip)
-        n = max(sums["tokens"], 1.0)
-        return {"draft/loss": loss_sum, "draft/smooth_l1": sums["l1"] / n, "draft/ce": sums["ce"] / n,
-                "draft/top1_agreement": sums["top1"] / n, "draft/tokens": sums["tokens"], "draft/grad_norm": float(norm)}
-
-    def state_dict(self) -> dict:
-        return {"draft": self.draft.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.draft.load_state_dict(state["draft"])
-        self.optimizer.load_state_dict(state["optimizer"])

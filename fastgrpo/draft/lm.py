@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from fastgrpo import distributed as dist_utils
-from fastgrpo.draft.learner import DraftSequence, apply_draft_gradients, check_draft_state, read_draft_state
+from fastgrpo.draft.learner import DraftSequence, OnlineDraftLearner, check_draft_state, read_draft_state
 from fastgrpo.rollout.budget import Budget
 from fastgrpo.rollout.hf_runner import HFTargetRunner
 from fastgrpo.rollout.tree import TreeBatch, select_tree
@@ -221,70 +221,34 @@ def lm_distill_loss(draft_model: torch.nn.Module, target_lm_head: torch.nn.Modul
     return loss, sums
 
 
-class LMDraftLearner:
+class LMDraftLearner(OnlineDraftLearner):
     """Online distillation of the target into the draft LM, on every rollout (zero-reward ones
     too), one AdamW step per ``update`` (gradient accumulation over micro-batches of at most
     ``token_budget`` padded tokens). Same input (``list[DraftSequence]``) and metric names as
     :class:`fastgrpo.draft.learner.DraftLearner` (``draft/smooth_l1`` aside: this draft predicts
     no hidden state; ``draft/kl`` is added)."""
 
+    metric_names: ClassVar[dict[str, str]] = {"ce": "draft/ce", "kl": "draft/kl"}
+
     def __init__(self, draft_model: torch.nn.Module, target_lm_head: torch.nn.Module, lr: float = 1e-4,
                  token_budget: int = 4096, weight_decay: float = 0.0, grad_clip: float = 1.0):
-        self.draft = draft_model
+        super().__init__(draft_model, lr, weight_decay, token_budget, grad_clip)
         # A tuple keeps the target's head out of any module registration / state dict.
         self._frozen = (target_lm_head,)
-        self.optimizer = torch.optim.AdamW([p for p in draft_model.parameters() if p.requires_grad], lr=lr,
-                                           weight_decay=weight_decay)
-        self.token_budget, self.grad_clip = token_budget, grad_clip
 
     @property
     def target_lm_head(self) -> torch.nn.Module:
         return self._frozen[0]
 
-    def _micro_batches(self, seqs: list[DraftSequence]) -> list[list[DraftSequence]]:
-        order = sorted(seqs, key=lambda s: -len(s.tokens))
-        batches, cur, width = [], [], 0
-        for s in order:
-            w = max(width, len(s.tokens) - 1)
-            if cur and w * (len(cur) + 1) > self.token_budget:
-                batches.append(cur)
-                cur, w = [], len(s.tokens) - 1
-            cur.append(s)
-            width = w
-        if cur:
-            batches.append(cur)
-        return batches
+    def _collate_batch(self, seqs, device, dtype):
+        return collate_lm(seqs, device, dtype)
 
-    def update(self, seqs: list[DraftSequence]) -> dict[str, float]:
-        """One optimizer step over all sequences. Under torch.distributed every rank must call it
-        (with its own rows, possibly none): gradients are summed over ranks (normalised by the
-        global token count) so the draft stays identical everywhere."""
-        p = next(self.draft.parameters())
-        self.draft.train()
-        batches = [collate_lm(mb, p.device, p.dtype) for mb in self._micro_batches(seqs)] if seqs else []
-        total = float(dist_utils.all_reduce_sum(
-            torch.tensor(float(sum(int(m.sum()) for _, _, m in batches)), dtype=torch.float64)))
-        sums = {"ce": 0.0, "kl": 0.0, "top1": 0.0, "tokens": 0.0}
-        loss_sum = 0.0
-        for inputs, hidden, mask in batches:
-            if not bool(mask.any()):
-                continue
-            loss, s = lm_distill_loss(self.draft, self.target_lm_head, inputs, hidden, mask, num_tokens=max(total, 1.0))
-            loss.backward()
-            loss_sum += loss.item()
-            for k in sums:
-                sums[k] += s[k]
-        norm = apply_draft_gradients(self.draft, self.optimizer, self.grad_clip)
-        n = max(sums["tokens"], 1.0)
-        return {"draft/loss": loss_sum, "draft/ce": sums["ce"] / n, "draft/kl": sums["kl"] / n,
-                "draft/top1_agreement": sums["top1"] / n, "draft/tokens": sums["tokens"], "draft/grad_norm": float(norm)}
+    def _loss_tokens(self, batch) -> int:
+        return int(batch[2].sum())
 
-    def state_dict(self) -> dict:
-        return {"draft": self.draft.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.draft.load_state_dict(state["draft"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _loss(self, batch, num_tokens):
+        inputs, hidden, mask = batch
+        return lm_distill_loss(self.draft, self.target_lm_head, inputs, hidden, mask, num_tokens=num_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
