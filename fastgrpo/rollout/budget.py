@@ -194,6 +194,10 @@ class BudgetController:
         self.last_signal = ConcurrencySignal(local_b, agg, sum(counts), max(counts), len(active), len(counts))
         return agg
 
+    def needs_peers(self) -> bool:
+        """Whether ``budget`` is a collective (aggregated over an initialised process group)."""
+        return self._fixed is None and self._distributed()
+
     def any_rank_active(self) -> bool:
         """Whether the last aggregation saw rows on any rank (a finished rank loops on ``budget(0)``
         while this holds, so its peers' collectives are matched)."""

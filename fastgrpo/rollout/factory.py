@@ -38,9 +38,7 @@ def build_generator(cfg: RolloutConfig, runner_factory: RunnerFactory, draft: to
         max_verify, slots = cfg.static_tokens, cfg.static_topk * cfg.static_depth
     else:
         max_verify, slots = min(cfg.n_max, int(c_peak)), cfg.k_max * cfg.l_max
-    import fastgrpo.rollout.speculative  # noqa: F401  (registers the speculative modes)
-
     gen = Generator(runner_factory, cfg.mode, proposer_factory=proposer_factory, budget_fn=ctrl.budget,
-                    max_verify=max_verify, draft_slots=slots)
+                    max_verify=max_verify, draft_slots=slots, controller=ctrl)
     gen.budget_controller = ctrl
     return gen

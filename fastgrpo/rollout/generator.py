@@ -58,6 +58,10 @@ class DecodingMode:
     def on_finish(self) -> None:
         pass
 
+    def wait_for_peers(self) -> None:
+        """Called once this rank's rows are all done: a mode whose budget is aggregated across
+        data-parallel ranks keeps joining that collective until every rank is done."""
+
     def step(self, runner, last_tokens, params, generator):
         raise NotImplementedError
 
@@ -105,6 +109,7 @@ class Generator:
         t_start = time.perf_counter()
         n = len(prompts)
         if n == 0:
+            self.mode.wait_for_peers()
             return Rollouts([], [], [], [], wall_time_s=0.0)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: every prompt needs at least one token")
@@ -138,6 +143,7 @@ class Generator:
         finally:
             self.mode.on_finish()
             runner.release()
+        self.mode.wait_for_peers()
         return acc.rollouts(prompts, steps, time.perf_counter() - t_start)
 
 

@@ -26,7 +26,7 @@ ProposerFactory = Callable[[int, int, int], "object"]  # (max_batch, max_len, tr
 
 class Speculative(DecodingMode):
     def __init__(self, proposer_factory: ProposerFactory, budget_fn: Callable[[int], Budget], max_verify: int,
-                 draft_slots: int, verifier: Callable | None = None):
+                 draft_slots: int, verifier: Callable | None = None, controller=None):
         """max_verify: the largest tree the target verifies (N_max); draft_slots: the largest
         tree block the draft writes (K_max * L_max)."""
         self.proposer_factory = proposer_factory
@@ -36,6 +36,8 @@ class Speculative(DecodingMode):
         # The acceptance rule; tests swap in deliberately biased ones to show the statistics bite.
         self.verifier = verifier or verify_exact
         self.proposer = None
+        # The BudgetController behind budget_fn, when its signal is aggregated across ranks.
+        self.controller = controller
 
     def on_prefill(self, prompts, hidden, first_tokens, max_len):
         self.proposer = self.proposer_factory(len(prompts), max_len, self.draft_slots)
@@ -43,6 +45,15 @@ class Speculative(DecodingMode):
 
     def on_rows_dropped(self, rows):
         self.proposer.drop_rows(rows)
+
+    def wait_for_peers(self):
+        if self.controller is None or not self.controller.needs_peers():
+            return
+        # One budget call per step of the ranks still generating; the last sees none active.
+        while True:
+            self.budget_fn(0)
+            if not self.controller.any_rank_active():
+                return
 
     def on_finish(self):
         if self.proposer is not None:
