@@ -85,12 +85,15 @@ class RolloutConfig:
 class DraftConfig:
     """The draft model of the speculative modes and its online learning (DESIGN.md 3)."""
 
-    kind: str = "eagle"  # eagle: a head on the target's hidden states
+    # eagle: a head on the target's hidden states; lm: an independent small causal LM sharing the
+    # target's tokenizer (init_path = a local HF folder, e.g. Qwen2.5-0.5B; else a half-width
+    # 2-layer Qwen2 built from the target's config), distilled online.
+    kind: str = "eagle"
     online: bool = True  # update the draft after every policy update, from the rollout's features
     lr: float = 1e-4
     weight_decay: float = 0.0
     token_budget: int = 4096  # padded tokens per draft micro-batch
-    init_path: Optional[str] = None  # a pretrained draft state (.pt/.safetensors); None = from scratch
+    init_path: Optional[str] = None  # a pretrained draft (.pt/.safetensors, or an HF folder for lm)
 
 
 @dataclass
