@@ -1,0 +1,48 @@
+"""The benchmark and pretraining entry points run and write what the README documents (no
+timing is asserted: these machines are shared)."""
+
+from __future__ import annotations
+
+import torch
+
+from fastgrpo.bench.rollout import MODES, compare_modes, plot_speedup
+from fastgrpo.draft import EagleDraft, load_draft_weights
+from fastgrpo.rollout import SamplingParams
+
+from conftest import make_tiny_qwen2
+
+FIELDS = {"tokens_per_s", "tokens_per_s_runs", "speedup_vs_ar", "mean_accepted_len", "mean_n_verify", "mean_k",
+          "mean_depth", "ar_step_frac"}
+
+
+def test_compare_modes_schema_and_plot(tmp_path):
+    torch.manual_seed(0)
+    model = make_tiny_qwen2(vocab=16)
+    draft = EagleDraft(model)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    res = compare_modes(model, draft, prompts, SamplingParams(1.0, 0.95, 0, 12), c_peak=16, repeats=2)
+    assert set(res) == set(MODES)
+    for m in MODES:
+        assert FIELDS <= set(res[m]) and len(res[m]["tokens_per_s_runs"]) == 2
+    assert res["ar"]["speedup_vs_ar"] == 1.0 and res["ar"]["mean_accepted_len"] == 1.0
+    assert res["static"]["ar_step_frac"] == 0.0 and res["static"]["mean_n_verify"] > 2  # a fixed tree every step
+    result = {"c_peak": 16, "modes": {m: {"by_batch_size": {"3": res[m]}} for m in MODES}}
+    png = plot_speedup(result, tmp_path / "speedup.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pretrain_draft_cli_writes_a_loadable_draft(tmp_path, monkeypatch):
+    from fastgrpo.cli.pretrain_draft import main
+    from fastgrpo.config import ModelConfig
+    from fastgrpo.models import load_policy
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "draft.pt"
+    assert main(["--model", "tiny", "--steps", "2", "--batch", "4", "--max-new-tokens", "8",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    model, _ = load_policy(ModelConfig(path="tiny"), "cpu")
+    draft = EagleDraft(model)
+    load_draft_weights(draft, out)
+    saved = torch.load(out, weights_only=True)
+    assert saved["meta"] == {"kind": "eagle", "hidden_size": 256, "vocab_size": model.config.vocab_size}
+    assert all(torch.equal(v, saved["draft"][k]) for k, v in draft.state_dict().items())
