@@ -4,12 +4,11 @@ timing is asserted: these machines are shared)."""
 from __future__ import annotations
 
 import torch
+from conftest import make_tiny_qwen2
 
 from fastgrpo.bench.rollout import MODES, compare_modes, plot_speedup
 from fastgrpo.draft import EagleDraft, load_draft_weights
 from fastgrpo.rollout import SamplingParams
-
-from conftest import make_tiny_qwen2
 
 FIELDS = {"tokens_per_s", "tokens_per_s_runs", "speedup_vs_ar", "mean_accepted_len", "mean_n_verify", "mean_k",
           "mean_depth", "ar_step_frac"}
