@@ -33,7 +33,7 @@ import torch
 
 from fastgrpo.draft.learner import DraftSequence, OnlineDraftLearner, check_draft_state, read_draft_state
 from fastgrpo.rollout.budget import Budget
-from fastgrpo.rollout.hf_runner import HFTargetRunner
+from fastgrpo.rollout.hf_runner import HFTargetRunner, compact_rows
 from fastgrpo.rollout.tree import TreeBatch, select_tree
 
 # ---------------------------------------------------------------------------------------------
@@ -91,15 +91,8 @@ class LMProposer:
         self.pend_len[:b] += counts
 
     def drop_rows(self, rows: torch.Tensor) -> None:
-        rows = rows.to(self.pend_len.device)
-        keep = torch.ones(self.rows, dtype=torch.bool, device=self.pend_len.device)
-        keep[rows] = False
-        idx = keep.nonzero().squeeze(1)
-        m = idx.numel()
-        self.pend_tok[:m] = self.pend_tok[idx]
-        self.pend_len[:m] = self.pend_len[idx]
-        self.runner.drop_rows(rows)
-        self.rows = m
+        self.rows = compact_rows(self.rows, rows, self.pend_tok, self.pend_len)
+        self.runner.drop_rows(rows.to(self.pend_len.device))
 
     def release(self) -> None:
         self.runner.release()

@@ -12,7 +12,7 @@ import torch
 
 from fastgrpo.draft.eagle import EagleDraft
 from fastgrpo.rollout.budget import Budget
-from fastgrpo.rollout.hf_runner import RaggedKVCache
+from fastgrpo.rollout.hf_runner import RaggedKVCache, compact_rows
 from fastgrpo.rollout.tree import TreeBatch, select_tree
 
 
@@ -64,15 +64,8 @@ class EagleProposer:
         self.pend_len[:b] += counts
 
     def drop_rows(self, rows: torch.Tensor) -> None:
-        keep = torch.ones(self.rows, dtype=torch.bool, device=self.pend_len.device)
-        keep[rows] = False
-        idx = keep.nonzero().squeeze(1)
-        m = idx.numel()
-        self.pend_h[:m] = self.pend_h[idx]
-        self.pend_tok[:m] = self.pend_tok[idx]
-        self.pend_len[:m] = self.pend_len[idx]
+        self.rows = compact_rows(self.rows, rows, self.pend_h, self.pend_tok, self.pend_len)
         self.cache.drop_rows(rows)
-        self.rows = m
 
     def release(self) -> None:
         self.cache.keys.clear()

@@ -19,6 +19,17 @@ def additive_mask(mask_bool: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~mask_bool, torch.finfo(dtype).min).unsqueeze(1)
 
 
+def compact_rows(num_rows: int, drop: torch.Tensor, *buffers: torch.Tensor) -> int:
+    """Move the rows of ``buffers`` (first dim) that are not in ``drop`` to the front, keeping
+    their order; returns how many rows remain. Rows past that are never read again."""
+    keep = torch.ones(num_rows, dtype=torch.bool, device=buffers[0].device)
+    keep[drop.to(keep.device)] = False
+    idx = keep.nonzero().squeeze(1)
+    for buf in buffers:
+        buf[: idx.numel()] = buf[idx]
+    return idx.numel()
+
+
 class RaggedKVCache(Cache):
     """Per layer K/V buffers [B, kv_heads, S_max, head_dim] plus a length per row.
 
@@ -91,14 +102,8 @@ class RaggedKVCache(Cache):
         self.lengths[:n] += num_keep
 
     def drop_rows(self, rows: torch.Tensor) -> None:
-        keep = torch.ones(self.num_rows, dtype=torch.bool, device=self.lengths.device)
-        keep[rows] = False
-        idx = keep.nonzero().squeeze(1)
-        m = idx.numel()
         # Compact into the leading rows; attention never reads rows >= num_rows.
-        for buf in (*self.keys, *self.values):
-            buf[:m] = buf[idx]
-        self.lengths[:m] = self.lengths[idx]
+        m = compact_rows(self.num_rows, rows, *self.keys, *self.values, self.lengths)
         self.lengths[m:] = 0
         self.num_rows = m
 
