@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +29,31 @@ def make_tiny_qwen2(vocab: int = 24, seed: int = 0, attn: str = "sdpa", layers: 
 @pytest.fixture(scope="session")
 def tiny_qwen2():
     return make_tiny_qwen2()
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def compose_raw(*overrides: str):
+    """configs/train.yaml composed on the registered schema (the user's Hydra path)."""
+    from hydra import compose, initialize_config_dir
+
+    import fastgrpo.cli.train  # noqa: F401  (registers the schema)
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def compose_run_config(root, *overrides: str, run: str = "run"):
+    """The typed config of a run whose outputs, MLflow store and preset cache all live under
+    ``root``."""
+    from fastgrpo.cli.train import to_config
+
+    root = Path(root)
+    paths = [
+        f"trainer.output_dir={root / run}",
+        f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+        f"tracking.artifact_location={root / 'art'}",
+        f"model.preset_cache_dir={root / 'presets'}",
+    ]
+    return to_config(compose_raw(*paths, *overrides))

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs"
+from conftest import compose_raw, compose_run_config
 
 TINY = [
     "trainer.steps=2",
@@ -37,26 +35,8 @@ TINY = [
 ]
 
 
-def compose_raw(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    import fastgrpo.cli.train  # noqa: F401  (registers the schema)
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
 def compose_config(root: Path, *overrides: str, run: str = "run"):
-    from fastgrpo.cli.train import to_config
-
-    root = Path(root)
-    paths = [
-        f"trainer.output_dir={root / run}",
-        f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
-        f"tracking.artifact_location={root / 'art'}",
-        f"model.preset_cache_dir={root / 'presets'}",
-    ]
-    return to_config(compose_raw(*TINY, *paths, *overrides))
+    return compose_run_config(root, *TINY, *overrides, run=run)
 
 
 def make_trainer(root: Path, *overrides: str, run: str = "run"):

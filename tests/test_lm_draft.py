@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from test_sampling import _chi2_pvalue
-from test_speculative import exact_joint3, joint3_counts, runner_factory
+from test_speculative import exact_joint3, joint3_counts, runner_factory, spec_generator
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from fastgrpo.config import DraftConfig
@@ -18,7 +18,7 @@ from fastgrpo.draft import build_draft_components
 from fastgrpo.draft.learner import sequences_from_rollouts
 from fastgrpo.draft.lm import LMDraftLearner, LMProposer, build_lm_draft, collate_lm, lm_distill_loss
 from fastgrpo.rollout import Generator, SamplingParams
-from fastgrpo.rollout.budget import BudgetController, BudgetParams
+from fastgrpo.rollout.budget import BudgetController
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 1, 2, 3, 4], [3]]
 
@@ -40,16 +40,8 @@ def make_target(vocab: int, seed: int, embed_scale: float = 3.0, head_scale: flo
 
 def lm_generator(target, draft, mode="static", static=(31, 3, 4), c_peak=64):
     vocab = target.config.vocab_size
-    if mode == "static":
-        ctrl = BudgetController.static(*static)
-        max_verify, slots = static[0], static[1] * static[2]
-    else:
-        params = BudgetParams(c_peak=c_peak, n_max=min(c_peak, 160))
-        ctrl = BudgetController(params)
-        max_verify, slots = params.n_max, params.k_max * params.l_max
-    return Generator(runner_factory(target), mode,
-                     proposer_factory=lambda b, max_len, s: LMProposer(draft, b, max_len, s, vocab_size=vocab),
-                     budget_fn=ctrl.budget, max_verify=max_verify, draft_slots=slots)
+    return spec_generator(target, draft, mode, c_peak, static=static,
+                          proposer=lambda b, max_len, s: LMProposer(draft, b, max_len, s, vocab_size=vocab))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,9 @@ def runner_factory(model):
     return lambda b, max_len: HFTargetRunner(model, b, max_len)
 
 
-def spec_generator(model, draft, mode="fastgrpo", c_peak=64, verifier=None, static=(60, 10, 6)):
+def spec_generator(model, draft, mode="fastgrpo", c_peak=64, verifier=None, static=(60, 10, 6), proposer=None):
+    """A speculative Generator over ``model``; ``proposer(b, max_len, slots)`` defaults to an
+    EagleProposer over ``draft``."""
     if mode == "static":
         ctrl = BudgetController.static(*static)
         max_verify, slots = static[0], static[1] * static[2]
@@ -30,8 +32,8 @@ def spec_generator(model, draft, mode="fastgrpo", c_peak=64, verifier=None, stat
         params = BudgetParams(c_peak=c_peak, n_max=min(c_peak, 160))
         ctrl = BudgetController(params)
         max_verify, slots = params.n_max, params.k_max * params.l_max
-    return Generator(runner_factory(model), mode, verifier=verifier,
-                     proposer_factory=lambda b, max_len, s: EagleProposer(draft, b, max_len, s),
+    proposer = proposer or (lambda b, max_len, s: EagleProposer(draft, b, max_len, s))
+    return Generator(runner_factory(model), mode, verifier=verifier, proposer_factory=proposer,
                      budget_fn=ctrl.budget, max_verify=max_verify, draft_slots=slots)
 
 

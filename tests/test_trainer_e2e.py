@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_run_config
 
 from fastgrpo.rewards.registry import register_reward
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs"
 
 TINY = [
     "trainer.steps=4",
@@ -51,20 +49,7 @@ REWARDS = ("reward.functions=[{name:accuracy,weight:1.0},{name:format,weight:0.2
 
 def compose_config(root: Path, *overrides: str, run: str = "run"):
     """The real composed config (configs/train.yaml + schema) for a tiny run under ``root``."""
-    from hydra import compose, initialize_config_dir
-
-    import fastgrpo.cli.train as cli  # registers the schema (fastgrpo_schema)
-
-    root = Path(root)
-    paths = [
-        f"trainer.output_dir={root / run}",
-        f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
-        f"tracking.artifact_location={root / 'art'}",
-        f"model.preset_cache_dir={root / 'presets'}",
-    ]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=TINY + paths + list(overrides))
-    return cli.to_config(cfg)
+    return compose_run_config(root, *TINY, *overrides, run=run)
 
 
 def run_trainer(root: Path, *overrides: str, run: str = "run"):
