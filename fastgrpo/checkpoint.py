@@ -51,6 +51,7 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 META_FILE = "meta.json"
 STATE_FILE = "trainer_state.pt"
 POLICY_DIR = "policy"
+SHARDS_DIR = "shards"  # per-rank sharded state (ZeRO partitions), written by every rank
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _ASIDE_RE = re.compile(r"^\.old-step_(\d+)-[0-9a-f]+$")
@@ -396,24 +397,51 @@ class CheckpointManager:
         written). ``fingerprint`` is stored in meta.json and checked by :meth:`load`. If anything
         fails, the temporary folder is removed, the exception propagates and the existing
         checkpoints are untouched.
+
+        Sharded backends split this in three: rank 0 calls :meth:`begin`, every rank writes its
+        part into the returned folder, rank 0 calls :meth:`commit` (or :meth:`abort`).
         """
-        step = int(step)
-        if step < 0:
+        tmp = self.begin(step, state)
+        try:
+            write_policy(tmp / POLICY_DIR)
+        except BaseException:
+            self.abort(tmp)
+            raise
+        return self.commit(tmp, step, state, fingerprint, extra_meta)
+
+    def begin(self, step: int, state: Mapping[str, Any] | None = None) -> Path:
+        """A fresh temporary folder for checkpoint ``step`` (with an empty ``policy/``)."""
+        if int(step) < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        check_weights_only_safe(state)
-        fingerprint = _json_normalize(dict(fingerprint))
+        if state is not None:
+            check_weights_only_safe(state)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._cleanup_leftovers()
+        tmp = self.dir / f"{_TMP_PREFIX}{step_dirname(int(step))}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        (tmp / POLICY_DIR).mkdir()
+        return tmp
 
+    def abort(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def commit(
+        self,
+        tmp: Path,
+        step: int,
+        state: Mapping[str, Any],
+        fingerprint: Mapping[str, Any],
+        extra_meta: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Add ``state`` and meta.json to ``tmp`` (from :meth:`begin`, everything else written),
+        then rename it into place atomically and prune."""
+        step = int(step)
+        fingerprint = _json_normalize(dict(fingerprint))
         name = step_dirname(step)
         final = self.dir / name
-        tmp = self.dir / f"{_TMP_PREFIX}{name}-{secrets.token_hex(4)}"
-        tmp.mkdir()
         t0 = time.perf_counter()
         try:
-            policy = tmp / POLICY_DIR
-            policy.mkdir()
-            write_policy(policy)
+            check_weights_only_safe(state)
             torch.save(dict(state), tmp / STATE_FILE)
             _fsync_tree(tmp)
             files = _list_files(tmp)
@@ -435,7 +463,7 @@ class CheckpointManager:
             os.rename(meta_tmp, tmp / META_FILE)
             _fsync_path(tmp)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.abort(tmp)
             raise
 
         aside = None
@@ -448,7 +476,7 @@ class CheckpointManager:
         except BaseException:
             if aside is not None and not final.exists():
                 os.rename(aside, final)
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.abort(tmp)
             raise
         _fsync_path(self.dir)
         if aside is not None:

@@ -136,11 +136,30 @@ class OptimConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """``backend=deepspeed``: ZeRO data parallelism (the DeepSpeed JSON is built from these)."""
+
+    zero_stage: int = 3  # 1 | 2 | 3
+    offload_optimizer: str = "none"  # none | cpu
+    offload_param: str = "none"  # none | cpu (ZeRO-3 only)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    # ZeRO-3 hybrid generation: GiB of gathered parameters allowed per GPU. The whole model is
+    # gathered when it fits, else decoder layers are gathered in groups that fit. -1 = half of
+    # the free device memory (the whole model on CPU).
+    generation_gather_gb: float = -1.0
+    # ZeRO-3 parameters at or below this many elements stay whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold); 0 partitions everything (the tests do).
+    param_persistence_threshold: int = 100_000
+    reference_offload: bool = False  # ZeRO-3 reference model's parameters on CPU
+    # Raw DeepSpeed JSON merged last (escape hatch for anything not above).
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class BackendConfig:
     name: str = "torch"  # torch | deepspeed | megatron
     ddp_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
-    # Extra options for other backends (DeepSpeed JSON, Megatron TP/PP); see their issues.
-    options: dict[str, Any] = field(default_factory=dict)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass

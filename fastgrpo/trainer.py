@@ -16,8 +16,15 @@ import torch
 
 from fastgrpo import distributed as dist_utils
 from fastgrpo.algo import dynamic_sampling_keep, group_advantages
-from fastgrpo.backends import build_backend, build_policy_batch
-from fastgrpo.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
+from fastgrpo.backends import backend_options, build_backend, build_policy_batch
+from fastgrpo.checkpoint import (
+    POLICY_DIR,
+    SHARDS_DIR,
+    CheckpointManager,
+    capture_rng_state,
+    resolve_resume,
+    restore_rng_state,
+)
 from fastgrpo.config import FastGRPOConfig
 from fastgrpo.data import PromptLoader, build_datasets
 from fastgrpo.draft import build_draft_components, sequences_from_rollouts
@@ -92,18 +99,19 @@ class GRPOTrainer:
         self.backend = build_backend(
             cfg.backend.name, model=self.model, tokenizer=self.tokenizer, algo=algo, optim=cfg.optim,
             total_steps=cfg.trainer.steps, temperature=cfg.rollout.temperature,
-            max_response_len=cfg.rollout.max_new_tokens,
+            max_response_len=cfg.rollout.max_new_tokens, **backend_options(cfg.backend),
         )
         self.draft, self.draft_learner, proposer_factory, c_peak = None, None, None, None
         if cfg.rollout.mode != "ar":
             from fastgrpo.rollout.profile import resolve_c_peak
 
             # With draft.online the learner keeps the draft in step with the policy (FastGRPO).
-            self.draft, proposer_factory, self.draft_learner = build_draft_components(cfg.draft, self.model,
-                                                                                      self.tokenizer)
+            self.draft, proposer_factory, self.draft_learner = build_draft_components(
+                cfg.draft, self.model, self.tokenizer, heads=self.backend.draft_heads())
             if cfg.rollout.mode == "fastgrpo":
-                c_peak = resolve_c_peak(cfg.rollout.c_peak, self.model, cfg.rollout.c_peak_cache_dir,
-                                        model_name=cfg.model.path)
+                with self.backend.generation_mode():  # profiled in the layout it will run in
+                    c_peak = resolve_c_peak(cfg.rollout.c_peak, self.model, cfg.rollout.c_peak_cache_dir,
+                                            model_name=cfg.model.path)
                 self._say(f"C_peak = {c_peak} tokens per target forward")
         self.generator = build_generator(cfg.rollout, self.backend.target_runner, self.draft, c_peak,
                                          proposer_factory=proposer_factory)
@@ -219,7 +227,9 @@ class GRPOTrainer:
         t_reward = time.perf_counter()
 
         update: dict[str, float] = {}
-        if keep.any():
+        # One decision for all ranks: a rank whose groups were all dropped still takes part in
+        # the update's collectives (with no rows) while any other rank has rows.
+        if dist_utils.all_reduce_max(keep.any().long()).item():
             idx = keep.nonzero().squeeze(1).tolist()
             batch = build_policy_batch([prompts[i] for i in idx], [rollouts.response_ids[i] for i in idx],
                                        self.tokenizer.pad_token_id, advantages[keep])
@@ -290,9 +300,9 @@ class GRPOTrainer:
         # nowhere else, so it is written once and named in every checkpoint by path and step.
         if self.cfg.algo.kl_beta != 0 and self.cfg.warmup.enabled:
             ref_dir = self.out_dir / "reference"
+            tmp = self.out_dir / ".reference.tmp"
+            self.backend.save_hf(tmp)  # collective; rank 0 writes
             if self.rank == 0:
-                tmp = self.out_dir / ".reference.tmp"
-                self.backend.save_hf(tmp)
                 if ref_dir.exists():
                     import shutil
 
@@ -333,9 +343,18 @@ class GRPOTrainer:
             state["draft"] = {"draft": self.draft.state_dict()}
         if self.world > 1:  # each rank keeps its own sampling stream
             state["rng_per_rank"] = dist_utils.all_gather_objects(state["rng"])
-        path = None
-        if self.rank == 0:
-            path = self.ckpt.save(self.step, self.backend.save_hf, state, self.fingerprint)
+        # Rank 0 owns the folder; every rank writes its part (gathered HF weights, ZeRO shards);
+        # rank 0 renames it into place only after all of them succeeded.
+        tmp = dist_utils.broadcast_object(self.ckpt.begin(self.step, state) if self.rank == 0 else None)
+        try:
+            self.backend.save_hf(tmp / POLICY_DIR)
+            self.backend.save_shards(tmp / SHARDS_DIR)
+        except BaseException:
+            if self.rank == 0:
+                self.ckpt.abort(tmp)
+            raise
+        dist_utils.barrier()
+        path = self.ckpt.commit(tmp, self.step, state, self.fingerprint) if self.rank == 0 else None
         dist_utils.barrier()
         self._saved_step = self.step
         return path
@@ -377,8 +396,9 @@ class GRPOTrainer:
             self.backend.reset_reference()
         elif source == "folder":
             self.backend.load_reference(Path(json.loads(state["trainer"])["reference"]))
-        self.backend.load_hf_weights(Path(path) / "policy")
+        self.backend.load_hf_weights(Path(path) / POLICY_DIR)
         self.backend.load_state_dict(state["backend"])
+        self.backend.load_shards(Path(path) / SHARDS_DIR)
         self.loader.load_state_dict(state["loader"])
         rng = state["rng_per_rank"][self.rank] if "rng_per_rank" in state else state["rng"]
         restore_rng_state(rng, {"sample": self.sample_rng})

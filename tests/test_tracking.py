@@ -82,7 +82,7 @@ def test_sanitize_is_accepted_by_mlflow_and_long_names_stay_distinct():
 
 def test_flatten_nested_config():
     cfg = FastGRPOConfig()
-    cfg.backend.options = {"zero": {"stage": 3, "offload": None}, "empty": []}
+    cfg.backend.deepspeed.config = {"zero": {"stage": 3, "offload": None}, "empty": []}
     cfg.data.system_prompt = "x" * (MAX_PARAM_VALUE_LENGTH + 500)
     flat = flatten_config(cfg)
     assert flat["algo.clip_eps_low"] == "0.1"
@@ -92,9 +92,9 @@ def test_flatten_nested_config():
     assert flat["reward.functions.0.name"] == "accuracy"
     assert flat["reward.functions.1.weight"] == "0.2"
     assert flat["optim.betas.1"] == "0.999"
-    assert flat["backend.options.zero.stage"] == "3"
-    assert flat["backend.options.zero.offload"] == "None"
-    assert flat["backend.options.empty"] == "[]"
+    assert flat["backend.deepspeed.config.zero.stage"] == "3"
+    assert flat["backend.deepspeed.config.zero.offload"] == "None"
+    assert flat["backend.deepspeed.config.empty"] == "[]"
     assert flat["checkpoint.dir"] == "None"
     sp = flat["data.system_prompt"]
     assert len(sp) == MAX_PARAM_VALUE_LENGTH and sp.endswith("chars]") and "truncated" in sp

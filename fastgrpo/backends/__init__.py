@@ -2,7 +2,12 @@
 
 from fastgrpo.backends.base import PolicyBackend, PolicyBatch, build_policy_batch
 
-BACKENDS = ("torch",)  # deepspeed and megatron land with their issues
+BACKENDS = ("torch", "deepspeed")  # megatron lands with its issue
+
+
+def backend_options(cfg) -> dict:
+    """The backend-specific constructor arguments of a BackendConfig."""
+    return {"deepspeed_cfg": cfg.deepspeed} if cfg.name == "deepspeed" else {}
 
 
 def build_backend(name: str, **kwargs) -> PolicyBackend:
@@ -10,7 +15,11 @@ def build_backend(name: str, **kwargs) -> PolicyBackend:
         from fastgrpo.backends.torch_backend import TorchBackend
 
         return TorchBackend(**kwargs)
+    if name == "deepspeed":
+        from fastgrpo.backends.deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(**kwargs)
     raise ValueError(f"backend.name={name!r} is not available; choose one of {BACKENDS}")
 
 
-__all__ = ["BACKENDS", "PolicyBackend", "PolicyBatch", "build_backend", "build_policy_batch"]
+__all__ = ["BACKENDS", "PolicyBackend", "PolicyBatch", "backend_options", "build_backend", "build_policy_batch"]

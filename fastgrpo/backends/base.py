@@ -43,6 +43,14 @@ class PolicyBatch:
         adv = self.advantages
         return PolicyBatch(self.input_ids[:, :width], self.attention_mask[:, :width], self.loss_mask[:, :width], adv)
 
+    def zero_weight_row(self, pad_id: int) -> PolicyBatch:
+        """One row that contributes nothing to any loss (no response tokens, advantage 0): what a
+        rank with fewer micro-batches than its peers runs so that collectives still line up."""
+        ids = torch.full((1, 2), pad_id, dtype=torch.long)
+        attn = torch.ones(1, 2, dtype=torch.bool)
+        adv = None if self.advantages is None else torch.zeros(1, dtype=self.advantages.dtype)
+        return PolicyBatch(ids, attn, torch.zeros(1, 2, dtype=torch.bool), adv).to(self.input_ids.device)
+
     def to(self, device) -> PolicyBatch:
         adv = None if self.advantages is None else self.advantages.to(device)
         return PolicyBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device), adv)
@@ -51,7 +59,7 @@ class PolicyBatch:
 def build_policy_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
                        advantages: torch.Tensor | None = None) -> PolicyBatch:
     n = len(prompts)
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    width = max((len(p) + len(r) for p, r in zip(prompts, responses)), default=2)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     attn = torch.zeros(n, width, dtype=torch.bool)
     loss = torch.zeros(n, width, dtype=torch.bool)
@@ -86,6 +94,11 @@ class PolicyBackend(ABC):
         """Switch the policy to its inference layout for rollouts; restore on exit."""
         yield
 
+    def draft_heads(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(input embedding, LM head), whole on this rank, for a draft that shares them with the
+        target. Backends that shard them return replicas, refreshed on each generation_mode entry."""
+        return self.model.get_input_embeddings(), self.model.get_output_embeddings()
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, scheduler and anything else besides the HF weights."""
@@ -95,7 +108,15 @@ class PolicyBackend(ABC):
 
     @abstractmethod
     def save_hf(self, path: Path) -> None:
-        """Write an HF checkpoint (weights + config + tokenizer) loadable by from_pretrained."""
+        """Write an HF checkpoint (weights + config + tokenizer) loadable by from_pretrained.
+        Collective: every rank calls it (sharded weights are gathered); rank 0 writes."""
+
+    def save_shards(self, path: Path) -> None:
+        """Collective: write this rank's sharded training state (ZeRO partitions) under ``path``.
+        Replicated backends keep everything in ``state_dict`` and write nothing here."""
+
+    def load_shards(self, path: Path) -> None:
+        """Collective: restore what ``save_shards`` wrote (after ``load_state_dict``)."""
 
     @abstractmethod
     def load_hf_weights(self, path: Path) -> None:

@@ -55,6 +55,7 @@ class TorchBackend(PolicyBackend):
         self.temperature = temperature
         self.max_response_len = max_response_len
         self.device = next(model.parameters()).device
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         model.train()
         self.ddp = None
         if dist_utils.is_initialized():
@@ -93,7 +94,24 @@ class TorchBackend(PolicyBackend):
     # ---- updates ---------------------------------------------------------------------------
     def _micro_batches(self, batch: PolicyBatch) -> list[PolicyBatch]:
         mb = max(1, self.algo.micro_batch_size)
-        return [batch.rows(slice(i, i + mb)).trimmed() for i in range(0, batch.size, mb)]
+        micro = [batch.rows(slice(i, i + mb)).trimmed() for i in range(0, batch.size, mb)]
+        # Every rank runs the same number of forward/backward passes (gradient all-reduce, ZeRO-3
+        # gathers): a rank left with fewer rows (dynamic sampling) pads with zero-weight rows.
+        count = int(dist_utils.all_reduce_max(torch.tensor(len(micro))))
+        return micro + [batch.zero_weight_row(self.pad_id)] * (count - len(micro))
+
+    def _micro_context(self, last: bool):
+        """Around one micro-batch's forward and backward: DDP syncs gradients on the last only."""
+        if self.ddp is not None and not last:
+            return self.ddp.no_sync()
+        return contextlib.nullcontext()
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        # The loss is normalised by the global batch; DDP averages gradients over ranks.
+        (loss * self.world_size).backward()
+
+    def _discard_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _apply_gradients(self) -> tuple[float, bool]:
         params = [p for p in self._model.parameters() if p.grad is not None]
@@ -128,11 +146,16 @@ class TorchBackend(PolicyBackend):
         return totals
 
     def _logprobs_no_grad(self, model, batch: PolicyBatch) -> torch.Tensor:
+        mb = max(1, self.algo.micro_batch_size)
+        # As many forwards as the busiest rank (sharded models gather parameters in each).
+        count = int(dist_utils.all_reduce_max(torch.tensor(-(-batch.size // mb))))
         with torch.no_grad():
-            outs = []
-            for i in range(0, batch.size, max(1, self.algo.micro_batch_size)):
-                mb = batch.rows(slice(i, i + self.algo.micro_batch_size))
-                outs.append(response_logprobs(model, mb, self.temperature))
+            outs = [response_logprobs(model, batch.rows(slice(i * mb, (i + 1) * mb)), self.temperature)
+                    for i in range(-(-batch.size // mb))]
+            for _ in range(count - len(outs)):
+                response_logprobs(model, batch.zero_weight_row(self.pad_id), self.temperature)
+            if not outs:
+                return torch.zeros(0, max(batch.input_ids.shape[1] - 1, 0), device=batch.input_ids.device)
             return torch.cat(outs)
 
     def _update(self, batch: PolicyBatch, old: torch.Tensor | None, ref: torch.Tensor | None):
@@ -140,7 +163,7 @@ class TorchBackend(PolicyBackend):
         # Normalise by the global batch so that micro-batch and rank contributions sum to the
         # full-batch loss; DDP averages gradients, hence the world_size factor.
         num_tokens = float(dist_utils.all_reduce_sum(mask_all.sum().double().cpu()))
-        num_seqs = float(batch.size * self.world_size)
+        num_seqs = float(dist_utils.all_reduce_sum(torch.tensor(float(batch.size), dtype=torch.float64)))
         # Dr. GRPO divides by a constant length: the generation budget, else the batch width
         # (never a micro-batch's own width, which would change the weighting).
         max_len = self.max_response_len or mask_all.shape[1]
@@ -149,31 +172,31 @@ class TorchBackend(PolicyBackend):
         micro = self._micro_batches(batch)
         offset = 0
         for j, mb in enumerate(micro):
-            width = mb.input_ids.shape[1] - 1
+            mb.input_ids.shape[1] - 1
             sl = slice(offset, offset + mb.size)
             offset += mb.size
-            sync = j == len(micro) - 1
-            ctx = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
-            with ctx:
+            last = j == len(micro) - 1
+            with self._micro_context(last):
                 logp = response_logprobs(self._forward_model, mb, self.temperature)
                 loss, m = grpo_loss(
-                    logp, None if old is None else old[sl, :width], None if ref is None else ref[sl, :width],
+                    logp, _rows_of(old, sl, logp), _rows_of(ref, sl, logp),
                     mb.advantages, mb.loss_mask[:, 1:],
                     eps_low=self.algo.clip_eps_low, eps_high=self.algo.clip_eps_high,
                     kl_beta=self.algo.kl_beta, kl_estimator=self.algo.kl_estimator,
                     loss_agg=self.algo.loss_agg, max_len=max_len,
                     num_tokens=num_tokens, num_seqs=num_seqs,
                 )
-                (loss * self.world_size).backward()
+                self._backward(loss, last)
             loss_total += loss.item()
-            w = m["num_tokens"] / max(float(mask_all.sum()), 1.0)
+            # Token-weighted over the global batch (x world_size: train_step averages over ranks).
+            w = m["num_tokens"] * self.world_size / max(num_tokens, 1.0)
             for k in ("kl", "clip_frac", "ratio_mean"):
                 metrics[k] = metrics.get(k, 0.0) + m[k] * w
             metrics["pg_loss"] = metrics.get("pg_loss", 0.0) + m["pg_loss"]
         loss_total = float(dist_utils.all_reduce_sum(torch.tensor(loss_total, dtype=torch.float64)))
         nonfinite = not math.isfinite(loss_total)
         if nonfinite:
-            self.optimizer.zero_grad(set_to_none=True)
+            self._discard_gradients()
             grad_norm = float("nan")
         else:
             grad_norm, finite = self._apply_gradients()
@@ -191,12 +214,11 @@ class TorchBackend(PolicyBackend):
         total = 0.0
         micro = self._micro_batches(batch)
         for j, mb in enumerate(micro):
-            sync = j == len(micro) - 1
-            ctx = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
-            with ctx:
+            last = j == len(micro) - 1
+            with self._micro_context(last):
                 logp = response_logprobs(self._forward_model, mb)
                 loss = -(logp * mb.loss_mask[:, 1:]).sum() / max(num_tokens, 1.0)
-                (loss * self.world_size).backward()
+                self._backward(loss, last)
             total += loss.item()
         grad_norm, _ = self._apply_gradients()
         total = float(dist_utils.all_reduce_sum(torch.tensor(total, dtype=torch.float64)))
@@ -241,12 +263,8 @@ class TorchBackend(PolicyBackend):
         self.scheduler.load_state_dict(state["scheduler"])
 
     def save_hf(self, path: Path) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # one tiny shard: a bar per checkpoint is noise
-        self._model.save_pretrained(Path(path))
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(path)
+        if self.rank == 0:  # replicated weights: rank 0 writes, the others have nothing to add
+            write_hf(self._model, self.tokenizer, path)
 
     def load_hf_weights(self, path: Path) -> None:
         missing, unexpected = self._model.load_state_dict(_read_safetensors(path), strict=False)
@@ -254,6 +272,23 @@ class TorchBackend(PolicyBackend):
         if real_missing or unexpected:
             raise ValueError(f"weights in {path} do not match the policy: missing {real_missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
+
+
+def _rows_of(full: torch.Tensor | None, rows: slice, like: torch.Tensor) -> torch.Tensor | None:
+    """``full[rows]`` cut to ``like``'s width; zeros for a zero-weight padding micro-batch."""
+    if full is None:
+        return None
+    part = full[rows, : like.shape[1]]
+    return part if part.shape[0] == like.shape[0] else torch.zeros_like(like)
+
+
+def write_hf(model, tokenizer, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one tiny shard: a bar per checkpoint is noise
+    model.save_pretrained(Path(path), state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
 
 
 def _is_tied(model, key: str) -> bool:

@@ -19,12 +19,12 @@ from fastgrpo.draft.learner import (
 DRAFT_KINDS = ("eagle", "lm")  # lm: an independent small causal LM (fastgrpo.draft.lm)
 
 
-def build_draft(cfg: DraftConfig, target: torch.nn.Module) -> EagleDraft:
+def build_draft(cfg: DraftConfig, target: torch.nn.Module, heads=None) -> EagleDraft:
     if cfg.kind not in DRAFT_KINDS:
         raise ValueError(f"draft.kind={cfg.kind!r}: choose one of {DRAFT_KINDS}")
     if cfg.kind != "eagle":
         raise ValueError(f"draft.kind={cfg.kind!r} is built by build_draft_components(cfg, target, tokenizer)")
-    draft = EagleDraft(target)
+    draft = EagleDraft(target, heads)
     if cfg.init_path:
         load_draft_weights(draft, Path(cfg.init_path))
     return draft
@@ -43,7 +43,7 @@ def load_draft_weights(draft: EagleDraft, path: Path) -> None:
     draft.load_state_dict(state)
 
 
-def build_draft_components(cfg: DraftConfig, target: torch.nn.Module, tokenizer=None):
+def build_draft_components(cfg: DraftConfig, target: torch.nn.Module, tokenizer=None, heads=None):
     """-> (draft module, proposer factory ``(max_batch, max_len, tree_slots) -> proposer``, online
     learner or None when ``cfg.online`` is off) for ``cfg.kind``:
 
@@ -51,21 +51,23 @@ def build_draft_components(cfg: DraftConfig, target: torch.nn.Module, tokenizer=
     - ``lm``: an independent small causal LM sharing the target's tokenizer (LMProposer +
       LMDraftLearner, online distillation; see fastgrpo.draft.lm.build_lm_draft for where the
       model comes from).
-    The draft module is what checkpoints save (``state_dict``/``load_state_dict``)."""
+    The draft module is what checkpoints save (``state_dict``/``load_state_dict``). ``heads``:
+    the (input embedding, LM head) the draft uses in place of the target's (PolicyBackend.draft_heads)."""
     if cfg.kind not in DRAFT_KINDS:
         raise ValueError(f"draft.kind={cfg.kind!r}: choose one of {DRAFT_KINDS}")
     if cfg.kind == "eagle":
         from fastgrpo.draft.proposer import EagleProposer
 
-        draft = build_draft(cfg, target)
+        draft = build_draft(cfg, target, heads)
         learner = (DraftLearner(draft, lr=cfg.lr, weight_decay=cfg.weight_decay, token_budget=cfg.token_budget)
                    if cfg.online else None)
         return draft, (lambda b, max_len, slots: EagleProposer(draft, b, max_len, slots)), learner
     from fastgrpo.draft.lm import LMDraftLearner, LMProposer, build_lm_draft
 
-    lm = build_lm_draft(cfg, target, tokenizer)
-    vocab = target.get_output_embeddings().weight.shape[0]
-    learner = (LMDraftLearner(lm, target.get_output_embeddings(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    embed, head = heads or (target.get_input_embeddings(), target.get_output_embeddings())
+    lm = build_lm_draft(cfg, target, tokenizer, heads=(embed, head))
+    vocab = head.weight.shape[0]
+    learner = (LMDraftLearner(lm, head, lr=cfg.lr, weight_decay=cfg.weight_decay,
                               token_budget=cfg.token_budget) if cfg.online else None)
     return lm, (lambda b, max_len, slots: LMProposer(lm, b, max_len, slots, vocab_size=vocab)), learner
 

@@ -18,7 +18,9 @@ from fastgrpo.rollout.hf_runner import RaggedKVCache, additive_mask
 
 
 class EagleDraft(nn.Module):
-    def __init__(self, target: nn.Module):
+    def __init__(self, target: nn.Module, heads: tuple[nn.Module, nn.Module] | None = None):
+        """``heads``: (input embedding, LM head) to use instead of the target's own modules, e.g.
+        whole replicas when the target's parameters are sharded (PolicyBackend.draft_heads)."""
         super().__init__()
         cfg = copy.deepcopy(target.config)
         cfg.num_hidden_layers = 1
@@ -36,7 +38,7 @@ class EagleDraft(nn.Module):
         self.rotary = type(decoder.rotary_emb)(config=cfg)
         # Frozen references to the target's modules, kept out of this module's parameters and
         # state dict (a tuple hides them from nn.Module registration).
-        self._frozen = (decoder.embed_tokens, target.get_output_embeddings())
+        self._frozen = tuple(heads) if heads else (decoder.embed_tokens, target.get_output_embeddings())
         p = next(target.parameters())
         self.to(device=p.device, dtype=p.dtype)
         with torch.no_grad():  # start as "pass the target hidden state through"

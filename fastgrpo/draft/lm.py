@@ -308,10 +308,10 @@ def small_lm_config(target_config, hidden_scale: float = 0.5, num_layers: int = 
 
 
 @torch.no_grad()
-def _init_embedding_from_target(draft: torch.nn.Module, target: torch.nn.Module, chunk: int = 16384) -> None:
+def _init_embedding_from_target(draft: torch.nn.Module, target_embedding: torch.nn.Module, chunk: int = 16384) -> None:
     """Same hidden size: copy the target's input embedding. Smaller: its projection on the top
     principal directions (eigenvectors of E^T E), which keeps the token-similarity structure."""
-    src = target.get_input_embeddings().weight
+    src = target_embedding.weight
     dst = draft.get_input_embeddings().weight
     v = min(src.shape[0], dst.shape[0])
     if src.shape[1] == dst.shape[1]:
@@ -330,7 +330,7 @@ def _init_embedding_from_target(draft: torch.nn.Module, target: torch.nn.Module,
 
 
 def build_lm_draft(cfg, target: torch.nn.Module, tokenizer=None, hidden_scale: float = 0.5,
-                   num_layers: int = 2) -> torch.nn.Module:
+                   num_layers: int = 2, heads=None) -> torch.nn.Module:
     """The draft LM for ``draft.kind=lm`` (cfg: a DraftConfig), on the target's device and dtype.
 
     - ``cfg.init_path`` a folder: a local HF causal LM (e.g. Qwen2.5-0.5B for a Qwen2.5-7B target)
@@ -349,7 +349,8 @@ def build_lm_draft(cfg, target: torch.nn.Module, tokenizer=None, hidden_scale: f
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen2ForCausalLM
 
     p = next(target.parameters())
-    target_vocab = target.get_output_embeddings().weight.shape[0]
+    embed, head = heads or (target.get_input_embeddings(), target.get_output_embeddings())
+    target_vocab = head.weight.shape[0]
     path = Path(cfg.init_path) if cfg.init_path else None
     if path is not None and path.is_dir():
         dcfg = AutoConfig.from_pretrained(str(path))
@@ -361,7 +362,7 @@ def build_lm_draft(cfg, target: torch.nn.Module, tokenizer=None, hidden_scale: f
         return draft.to(p.device).eval()
     draft = Qwen2ForCausalLM(small_lm_config(target.config, hidden_scale, num_layers)).to(device=p.device, dtype=p.dtype)
     if path is None:
-        _init_embedding_from_target(draft, target)
+        _init_embedding_from_target(draft, embed)
     else:
         state = read_draft_state(path)
         check_draft_state(draft.state_dict(), state, ignore=frozenset({"lm_head.weight"}),  # tied to the embedding
