@@ -156,10 +156,22 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class MegatronConfig:
+    """``backend=megatron``: megatron-core tensor x pipeline parallelism (megatron_ext/)."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
+    reference_offload: bool = False  # the KL reference's weights on CPU between uses
+
+
+@dataclass
 class BackendConfig:
     name: str = "torch"  # torch | deepspeed | megatron
     ddp_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
 
 @dataclass

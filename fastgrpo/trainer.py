@@ -90,17 +90,20 @@ class GRPOTrainer:
         self.model, self.tokenizer = load_policy(cfg.model, self.device)
         self.train_set, self.test_set = build_datasets(cfg.data, self.tokenizer)
         algo = cfg.algo
-        if algo.prompts_per_step % self.world:
-            raise ValueError(f"algo.prompts_per_step={algo.prompts_per_step} must be divisible by the "
-                             f"number of data-parallel ranks ({self.world})")
-        # Every rank walks the same global order and takes its own slice: all G samples of a
-        # prompt stay on one rank, so advantages never need a cross-rank group.
-        self.loader = PromptLoader(self.train_set, algo.prompts_per_step, seed=cfg.data.shuffle_seed)
         self.backend = build_backend(
             cfg.backend.name, model=self.model, tokenizer=self.tokenizer, algo=algo, optim=cfg.optim,
             total_steps=cfg.trainer.steps, temperature=cfg.rollout.temperature,
             max_response_len=cfg.rollout.max_new_tokens, **backend_options(cfg.backend),
         )
+        # Data-parallel coordinates: ranks of one model-parallel group (TP/PP) share them, and
+        # with them their prompts and sampling stream.
+        self.dp_rank, self.dp_world = self.backend.dp_rank, self.backend.dp_world
+        if algo.prompts_per_step % self.dp_world:
+            raise ValueError(f"algo.prompts_per_step={algo.prompts_per_step} must be divisible by the "
+                             f"number of data-parallel ranks ({self.dp_world})")
+        # Every rank walks the same global order and takes its own slice: all G samples of a
+        # prompt stay on one rank, so advantages never need a cross-rank group.
+        self.loader = PromptLoader(self.train_set, algo.prompts_per_step, seed=cfg.data.shuffle_seed)
         self.draft, self.draft_learner, proposer_factory, c_peak = None, None, None, None
         if cfg.rollout.mode != "ar":
             from fastgrpo.rollout.profile import resolve_c_peak
@@ -122,7 +125,7 @@ class GRPOTrainer:
         r = cfg.rollout
         self.sampling = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, stops)
         self.eval_sampling = SamplingParams(r.eval_temperature, 1.0, 0, r.max_new_tokens, stops)
-        self.sample_rng = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + self.rank)
+        self.sample_rng = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + self.dp_rank)
 
         self.ckpt = CheckpointManager(Path(cfg.checkpoint.dir or self.out_dir / "checkpoints"),
                                       cfg.checkpoint.keep_last)
@@ -211,7 +214,7 @@ class GRPOTrainer:
     def train_step(self) -> dict[str, float]:
         algo = self.cfg.algo
         t0 = time.perf_counter()
-        items = self.loader.next_batch()[self.rank::self.world]
+        items = self.loader.next_batch()[self.dp_rank::self.dp_world]
         prompts = [it.prompt_ids for it in items for _ in range(algo.group_size)]
         answers = [it.answer for it in items for _ in range(algo.group_size)]
 
@@ -275,7 +278,7 @@ class GRPOTrainer:
     def evaluate(self) -> float:
         """Greedy held-out accuracy (fraction of test prompts whose answer verifies)."""
         n = min(self.cfg.trainer.eval_size, len(self.test_set))
-        items = [self.test_set[i] for i in range(n)][self.rank::self.world]
+        items = [self.test_set[i] for i in range(n)][self.dp_rank::self.dp_world]
         with self.backend.generation_mode():
             out = self.generator.generate([it.prompt_ids for it in items], self.eval_sampling)
         texts = self.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
@@ -288,7 +291,7 @@ class GRPOTrainer:
         from fastgrpo.sft import run_warmup
 
         self._timed("warmup", lambda: run_warmup(self.backend, self.train_set, self.tokenizer,
-                                                 self.cfg.warmup, self.rank, self.world, self._say))
+                                                 self.cfg.warmup, self.dp_rank, self.dp_world, self._say))
 
     def _prepare_reference(self) -> None:
         if self.cfg.warmup.enabled:

@@ -77,6 +77,15 @@ class PolicyBackend(ABC):
     rank: int = 0
     world_size: int = 1
 
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel replicas (model-parallel backends: its DP group)."""
+        return self.rank
+
+    @property
+    def dp_world(self) -> int:
+        return self.world_size
+
     @abstractmethod
     def train_step(self, batch: PolicyBatch) -> dict[str, float]:
         """One GRPO update on this rank's rows; returns metrics (already reduced over ranks)."""
