@@ -156,9 +156,21 @@ class DeepSpeedBackend(TorchBackend):
 
         cfg = reference_json(self.config, self.ds_cfg)
         dtype = torch.bfloat16 if cfg["bf16"]["enabled"] else torch.float32
-        # Built partitioned from the start: the full reference never exists on one rank.
-        with deepspeed.zero.Init(config_dict_or_path=cfg, dtype=dtype):
+        from transformers.initialization import no_init_weights
+
+        # Built partitioned from the start (the full reference never exists on one rank), and
+        # not initialised: its partitions are copied from the policy or loaded next.
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=cfg, dtype=dtype):
             ref = AutoModelForCausalLM.from_config(self._model.config, dtype=dtype)
+            ref.tie_weights()  # skipped with the initialisation; the partitions assume the policy's ties
+        names = [n for n, _ in ref.named_parameters()]
+        if names != [n for n, _ in self._model.named_parameters()]:
+            raise RuntimeError("the ZeRO-3 reference model's parameters do not line up with the policy's")
+        # Buffers (rotary inv_freq) are whole on every rank and were skipped by no_init_weights.
+        policy_buffers = dict(self._model.named_buffers())
+        with torch.no_grad():
+            for name, buf in ref.named_buffers():
+                buf.copy_(policy_buffers[name])
         self._reference_engine, *_ = deepspeed.initialize(model=ref, config=cfg)
         self._reference_engine.eval()
         self.reference = self._reference_engine.module.requires_grad_(False)
