@@ -256,6 +256,7 @@ class GRPOTrainer:
             **rollouts.summary(),
             "data/kept_frac": float(keep.float().mean()),
         }
+        local.update({f"backend/{k}": v for k, v in self.backend.generation_metrics().items()})
         metrics = dist_utils.mean_metrics(local)
         metrics.update({f"train/{k}": v for k, v in update.items()})
         metrics.update(dist_utils.mean_metrics(draft_metrics))

@@ -2,12 +2,16 @@
 
 from fastgrpo.backends.base import PolicyBackend, PolicyBatch, build_policy_batch
 
-BACKENDS = ("torch", "deepspeed")  # megatron lands with its issue
+BACKENDS = ("torch", "deepspeed", "megatron")
 
 
 def backend_options(cfg) -> dict:
     """The backend-specific constructor arguments of a BackendConfig."""
-    return {"deepspeed_cfg": cfg.deepspeed} if cfg.name == "deepspeed" else {}
+    if cfg.name == "deepspeed":
+        return {"deepspeed_cfg": cfg.deepspeed}
+    if cfg.name == "megatron":
+        return {"megatron_cfg": cfg.megatron}
+    return {}
 
 
 def build_backend(name: str, **kwargs) -> PolicyBackend:
@@ -19,6 +23,10 @@ def build_backend(name: str, **kwargs) -> PolicyBackend:
         from fastgrpo.backends.deepspeed_backend import DeepSpeedBackend
 
         return DeepSpeedBackend(**kwargs)
+    if name == "megatron":
+        from fastgrpo.backends.megatron_backend import MegatronBackend
+
+        return MegatronBackend(**kwargs)
     raise ValueError(f"backend.name={name!r} is not available; choose one of {BACKENDS}")
 
 

@@ -103,6 +103,10 @@ class PolicyBackend(ABC):
         """Switch the policy to its inference layout for rollouts; restore on exit."""
         yield
 
+    def generation_metrics(self) -> dict[str, float]:
+        """Cost of the latest switch into the inference layout (e.g. ZeRO-3 gather seconds)."""
+        return {}
+
     def draft_heads(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(input embedding, LM head), whole on this rank, for a draft that shares them with the
         target. Backends that shard them return replicas, refreshed on each generation_mode entry."""

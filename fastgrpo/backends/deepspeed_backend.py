@@ -277,6 +277,13 @@ class DeepSpeedBackend(TorchBackend):
                 model.set_attn_implementation(self.train_attn)
             model.train()
 
+    def generation_metrics(self) -> dict[str, float]:
+        plan = self.last_gather
+        if plan is None:
+            return {}
+        return {"zero3_gather_s": plan.gather_s, "zero3_layers_per_group": float(plan.layers_per_group),
+                "zero3_peer_forwards": float(plan.peer_forwards)}
+
     # ---- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         # Optimizer state lives in the ZeRO shards (save_shards); the scheduler is replicated.

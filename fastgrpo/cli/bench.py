@@ -3,6 +3,8 @@
     fastgrpo-bench rollout --out bench/   # AR vs static vs fastgrpo generation throughput
     fastgrpo-bench drift --out bench/     # accepted length per GRPO step, online vs frozen draft
     fastgrpo-bench e2e --out bench/       # GRPO step time per mode, draft-update share
+    fastgrpo-bench zero --out bench/      # ZeRO-1/2/3 step time and ZeRO-3 gather time (2 processes)
+    fastgrpo-bench dp-aggregate --out bench/  # local | mean | max concurrency over DP ranks
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastgrpo-bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["rollout", "drift", "e2e"], help="which benchmark")
+    p.add_argument("part", choices=["rollout", "drift", "e2e", "zero", "dp-aggregate"], help="which benchmark")
     p.add_argument("--steps", type=int, default=20, help="GRPO steps (drift, e2e)")
     p.add_argument("--from-scratch", action="store_true",
                    help="drift: start the draft from scratch instead of the pretrained one")
@@ -35,6 +37,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.part in ("zero", "dp-aggregate"):
+        return _parallel_part(a)
     from fastgrpo.bench.rollout import bench_rollout, plot_speedup
     from fastgrpo.bench.targets import prepare_draft, prepare_target, rollout_prompts
     from fastgrpo.rollout.profile import resolve_c_peak
@@ -67,6 +71,24 @@ def _write(out: Path, name: str, result: dict, png: Path, a, c_peak: int) -> Non
             tr.start(f"bench-{name}", {"preset": a.preset, "c_peak": c_peak, "part": name})
             tr.log_artifact(out / f"{name}.json")
             tr.log_artifact(png)
+
+
+def _parallel_part(a) -> int:
+    from fastgrpo.bench.parallel import bench_dp_aggregate, bench_zero
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [f"model.path={a.preset}"]
+    if a.part == "zero":
+        result = bench_zero(out, a.steps, extra=extra)
+    else:
+        result = bench_dp_aggregate(out, a.steps, extra=extra, c_peak=a.c_peak or 32)
+    name = a.part.replace("-", "_")
+    tmp = out / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / f"{name}.json")
+    print(f"wrote {out / (name + '.json')}")
+    return 0
 
 
 def _training_part(a, folder: Path, c_peak: int, out: Path) -> int:

@@ -1,0 +1,315 @@
+"""The ``megatron`` PolicyBackend: megatron-core GPTModel under tensor x pipeline x data parallelism.
+
+A thin adapter: the engine (``megatron_ext.train.MegatronPolicy``) owns the parallel model, its
+DDP, the megatron optimizer, the schedule and the reference model; this class owns the GRPO math,
+which is the ``torch`` backend's: the same ``grpo_loss``, the same global normalisers (summed over
+the data-parallel group only: the TP/PP ranks of one replica hold the same rows), one optimizer
+step per update, the scheduler stepped once per ``train_step``. Log-probs come from the
+vocab-parallel logits (the padded vocabulary masked out), so no rank ever holds a [.., V] tensor.
+
+Every rank of the world calls every method (all are collective). ``dp_rank`` / ``dp_world`` are the
+data-parallel coordinates: the trainer gives all TP/PP ranks of one replica the same prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fastgrpo.algo import grpo_loss
+from fastgrpo.backends.base import PolicyBackend, PolicyBatch
+from fastgrpo.backends.torch_backend import _read_safetensors, build_scheduler, write_hf
+from fastgrpo.config import AlgoConfig, MegatronConfig, OptimConfig
+from fastgrpo.rollout.base import TargetRunner
+
+SHARDS_SUBDIR = "megatron"
+_SUMS = ("loss", "pg_loss", "kl", "clip_frac", "ratio_mean", "tokens")  # accumulated on the last stage
+
+
+def _pad_rows(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """``t`` with zero rows appended up to ``rows`` (zero-weight padding rows of a micro-batch)."""
+    if t is None or t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+class MegatronBackend(PolicyBackend):
+    def __init__(self, model: torch.nn.Module, tokenizer, algo: AlgoConfig, optim: OptimConfig,
+                 total_steps: int, temperature: float = 1.0, max_response_len: int | None = None,
+                 megatron_cfg: MegatronConfig | None = None):
+        from megatron_ext.train import MegatronPolicy
+
+        self.cfg = megatron_cfg or MegatronConfig()
+        self.engine = MegatronPolicy(
+            model, self.cfg.tensor_parallel, self.cfg.pipeline_parallel, self.cfg.precision,
+            self.cfg.distributed_optimizer, lr=optim.lr, weight_decay=optim.weight_decay,
+            betas=tuple(optim.betas), grad_clip=optim.grad_clip)
+        self.engine.reference_offload = self.cfg.reference_offload
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        # The HF model keeps the config (and the initial weights: fingerprints); megatron trains.
+        self._model = model
+        self.tokenizer = tokenizer
+        self.algo, self.optim_cfg = algo, optim
+        self.temperature = temperature
+        self.max_response_len = max_response_len
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self.device = self.engine.device
+        # The torch backend's schedule, on a stand-in parameter: the lr is copied into megatron's
+        # param groups before each step. An explicit lr (the SFT warm-up) overrides it until the
+        # next scheduler step or restore_lr, as in the torch backend.
+        self.scheduler = build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=optim.lr),
+                                         optim, total_steps)
+        self._lr_override: float | None = None
+        self._heads: tuple[torch.nn.Module, torch.nn.Module] | None = None
+        if algo.kl_beta != 0:
+            self.reset_reference()
+
+    # ---- what the Megatron target runner reads ----------------------------------------------
+    @property
+    def gpt_model(self):
+        return self.engine.gpt_model
+
+    @property
+    def arch(self):
+        return self.engine.arch
+
+    @property
+    def layout(self):
+        return self.engine.layout
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def dp_rank(self) -> int:
+        return self.engine.dp_rank
+
+    @property
+    def dp_world(self) -> int:
+        return self.engine.dp_world
+
+    # ---- reference model -------------------------------------------------------------------
+    def reset_reference(self) -> None:
+        if self.algo.kl_beta != 0:
+            self.engine.reset_reference()
+
+    def load_reference(self, path: Path) -> None:
+        if self.algo.kl_beta != 0:
+            self.engine.load_reference(_read_safetensors(path))
+
+    # ---- updates ---------------------------------------------------------------------------
+    def _lr(self) -> float:
+        return self._lr_override if self._lr_override is not None else self.scheduler.get_last_lr()[0]
+
+    def _full_logprobs(self, model, batch: PolicyBatch) -> torch.Tensor | None:
+        """Token log-probs [N, S-1] of the whole batch (last pipeline stage; None elsewhere)."""
+        micro = self.engine.micro_batches(batch.input_ids, max(1, self.algo.micro_batch_size), self.pad_id)
+        if model is None:
+            out = self.engine.reference_logprobs(micro, self.temperature)
+        else:
+            out = self.engine.logprobs(model, micro, self.temperature)
+        return None if out is None else torch.cat(out)[: batch.size]
+
+    def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
+        """Last-stage sums -> the global sums on every rank."""
+        return self.engine.all_reduce_dp(self.engine.from_last_stage(sums))
+
+    def train_step(self, batch: PolicyBatch) -> dict[str, float]:
+        batch = batch.to(self.device)
+        n_updates = max(1, self.algo.updates_per_batch)
+        # One optimizer step per rollout batch is strictly on-policy: no old log-probs pass.
+        old = self._full_logprobs(self.engine.gpt_model, batch) if n_updates > 1 else None
+        ref = self._full_logprobs(None, batch) if self.engine.reference is not None else None
+        per_update = math.ceil(batch.size / n_updates)
+        totals: dict[str, float] = {}
+        skipped = 0
+        for u in range(n_updates):
+            rows = slice(u * per_update, (u + 1) * per_update)
+            m = self._update(batch.rows(rows), None if old is None else old[rows],
+                             None if ref is None else ref[rows])
+            skipped += int(m.pop("nonfinite"))
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + v / n_updates
+        self.scheduler.step()
+        self._lr_override = None
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        totals["nonfinite_updates"] = float(skipped)
+        return totals
+
+    def _update(self, batch: PolicyBatch, old: torch.Tensor | None, ref: torch.Tensor | None) -> dict[str, float]:
+        eng = self.engine
+        mask_all = batch.loss_mask[:, 1:]
+        # The global batch's normalisers: micro-batch and DP-rank losses sum to the full-batch loss.
+        num_tokens = float(eng.all_reduce_dp(mask_all.sum().double().reshape(1)))
+        num_seqs = float(eng.all_reduce_dp(torch.tensor([float(batch.size)], dtype=torch.float64)))
+        max_len = self.max_response_len or mask_all.shape[1]
+        micro = eng.micro_batches(batch.input_ids, max(1, self.algo.micro_batch_size), self.pad_id)
+        sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+
+        def loss_fn(j: int, logits: torch.Tensor):
+            from megatron_ext.train import vocab_parallel_logprobs
+
+            mb = micro[j]
+            b, rows = mb.ids.shape[0], slice(mb.first, mb.first + mb.rows)
+            logp = vocab_parallel_logprobs(logits[:, :-1], mb.ids[:, 1:], eng.arch.vocab_size, self.temperature)
+            loss, m = grpo_loss(
+                logp, _pad_rows(None if old is None else old[rows], b), _pad_rows(None if ref is None else ref[rows], b),
+                _pad_rows(batch.advantages[rows], b), _pad_rows(mask_all[rows], b),
+                eps_low=self.algo.clip_eps_low, eps_high=self.algo.clip_eps_high,
+                kl_beta=self.algo.kl_beta, kl_estimator=self.algo.kl_estimator,
+                loss_agg=self.algo.loss_agg, max_len=max_len, num_tokens=num_tokens, num_seqs=num_seqs,
+            )
+            n = m["num_tokens"]
+            sums.add_(torch.tensor([loss.item(), m["pg_loss"], m["kl"] * n, m["clip_frac"] * n,
+                                    m["ratio_mean"] * n, n], dtype=torch.float64))
+            return loss, int(n)
+
+        eng.zero_grad()
+        eng.run(eng.ddp, micro, loss_fn, forward_only=False)
+        total = self._reduce(sums).tolist()
+        metrics = dict(zip(_SUMS, total))
+        tokens = max(metrics.pop("tokens"), 1.0)
+        for k in ("kl", "clip_frac", "ratio_mean"):
+            metrics[k] /= tokens
+        nonfinite = not math.isfinite(metrics["loss"])
+        if nonfinite:
+            eng.zero_grad()
+            grad_norm = float("nan")
+        else:
+            grad_norm, stepped = eng.apply_gradients(self._lr())
+            nonfinite = not stepped
+        metrics.update(grad_norm=grad_norm, nonfinite=float(nonfinite))
+        return metrics
+
+    def sft_step(self, batch: PolicyBatch, lr: float | None = None) -> dict[str, float]:
+        from megatron_ext.train import vocab_parallel_logprobs
+
+        batch = batch.to(self.device)
+        if lr is not None:
+            self._lr_override = lr
+        eng = self.engine
+        mask_all = batch.loss_mask[:, 1:]
+        num_tokens = max(float(eng.all_reduce_dp(mask_all.sum().double().reshape(1))), 1.0)
+        micro = eng.micro_batches(batch.input_ids, max(1, self.algo.micro_batch_size), self.pad_id)
+        sums = torch.zeros(1, dtype=torch.float64)
+
+        def loss_fn(j: int, logits: torch.Tensor):
+            mb = micro[j]
+            mask = _pad_rows(mask_all[mb.first: mb.first + mb.rows], mb.ids.shape[0])
+            logp = vocab_parallel_logprobs(logits[:, :-1], mb.ids[:, 1:], eng.arch.vocab_size)
+            loss = -torch.where(mask, logp, 0.0).sum() / num_tokens
+            sums.add_(loss.item())
+            return loss, int(mask.sum())
+
+        eng.zero_grad()
+        eng.run(eng.ddp, micro, loss_fn, forward_only=False)
+        total = float(self._reduce(sums))
+        grad_norm, _ = eng.apply_gradients(self._lr())
+        return {"sft_loss": total, "grad_norm": grad_norm}
+
+    def restore_lr(self) -> None:
+        self._lr_override = None
+
+    def reset_optimizer(self) -> None:
+        """Fresh Adam moments for GRPO (the warm-up's state is not carried over)."""
+        self.engine.reset_optimizer_state()
+        self.restore_lr()
+
+    # ---- generation ------------------------------------------------------------------------
+    def draft_heads(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """Whole (unsharded) replicas of the input embedding and LM head on every rank, refreshed
+        on each generation_mode entry (collective)."""
+        if self._heads is None:
+            emb_w, head_w = self.engine.gather_heads()
+            emb = torch.nn.Embedding(*emb_w.shape, device=emb_w.device, dtype=emb_w.dtype).requires_grad_(False)
+            head = torch.nn.Linear(head_w.shape[1], head_w.shape[0], bias=False, device=head_w.device,
+                                   dtype=head_w.dtype).requires_grad_(False)
+            if self.engine.arch.tied_embeddings:
+                head.weight = emb.weight
+            self._heads = (emb, head)
+            self._refresh_heads((emb_w, head_w))
+        return self._heads
+
+    @torch.no_grad()
+    def _refresh_heads(self, weights=None) -> None:
+        if self._heads is None:
+            return
+        emb_w, head_w = weights if weights is not None else self.engine.gather_heads()
+        self._heads[0].weight.copy_(emb_w)
+        self._heads[1].weight.copy_(head_w)
+
+    @contextlib.contextmanager
+    def generation_mode(self) -> Iterator[None]:
+        model = self.engine.gpt_model
+        model.eval()
+        try:
+            with torch.no_grad():
+                self._refresh_heads()  # the policy moved since the last rollouts
+                yield
+        finally:
+            model.train()
+
+    def target_runner(self, max_batch: int, max_len: int) -> TargetRunner:
+        try:
+            from megatron_ext.inference import MegatronTargetRunner
+        except ImportError as e:
+            raise NotImplementedError(f"the megatron backend's target runner needs megatron_ext.inference "
+                                      f"(MegatronTargetRunner), which could not be imported: {e}") from e
+        return MegatronTargetRunner(self, max_batch, max_len)
+
+    # ---- state -----------------------------------------------------------------------------
+    def _layout(self) -> dict[str, Any]:
+        c = self.engine.coords()
+        return {"tp_size": c["tp_size"], "pp_size": c["pp_size"], "dp_size": c["dp_size"],
+                "distributed_optimizer": self.engine.distributed_optimizer}
+
+    def state_dict(self) -> dict[str, Any]:
+        # Optimizer state is per rank (save_shards); the schedule is replicated.
+        return {"scheduler": self.scheduler.state_dict(), "layout": self._layout()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("layout", self._layout()) != self._layout():
+            raise ValueError(f"checkpoint was written by megatron layout {state['layout']}, this run is "
+                             f"{self._layout()}; the optimizer shards cannot be loaded into another layout")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.restore_lr()
+
+    def _shard_file(self, path: Path) -> str:
+        from megatron_ext.train import shard_file
+
+        coords = self.engine.coords()
+        if not self.engine.distributed_optimizer:
+            coords["dp"] = 0  # replicated over DP: one file per (TP, PP) rank
+        return shard_file(Path(path) / SHARDS_SUBDIR, coords)
+
+    def save_shards(self, path: Path) -> None:
+        state = self.engine.optimizer_state()
+        if self.engine.distributed_optimizer or self.dp_rank == 0:
+            os.makedirs(Path(path) / SHARDS_SUBDIR, exist_ok=True)
+            torch.save({"layout": self._layout(), "optimizer": state}, self._shard_file(path))
+
+    def load_shards(self, path: Path) -> None:
+        file = self._shard_file(path)
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{path} has no megatron optimizer shard {os.path.basename(file)}: was this "
+                                    "checkpoint written by another backend or layout?")
+        saved = torch.load(file, map_location="cpu", weights_only=False)
+        if saved["layout"] != self._layout():
+            raise ValueError(f"shard {file} is for layout {saved['layout']}, this run is {self._layout()}")
+        self.engine.load_optimizer_state(saved["optimizer"])
+
+    def save_hf(self, path: Path) -> None:
+        sd = self.engine.gather_hf()  # collective: every rank sends its shard to rank 0
+        if self.rank == 0:
+            write_hf(self._model, self.tokenizer, path, state_dict=sd)
+
+    def load_hf_weights(self, path: Path) -> None:
+        self.engine.load_hf(_read_safetensors(path))
