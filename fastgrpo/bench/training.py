@@ -18,8 +18,9 @@ from fastgrpo.rollout.factory import build_generator
 
 
 def bench_config(target_folder: Path, out_dir: Path, mode: str, steps: int, c_peak: int, draft_init: str | None,
-                 online: bool = True, seed: int = 0) -> FastGRPOConfig:
+                 online: bool = True, seed: int = 0, draft_kind: str = "eagle") -> FastGRPOConfig:
     cfg = FastGRPOConfig()
+    cfg.draft.kind = draft_kind
     cfg.model.path = str(target_folder)
     cfg.rollout.mode = mode
     cfg.rollout.c_peak = c_peak
@@ -46,22 +47,33 @@ def _probe(trainer, draft, prompts, params, seed: int) -> float:
     tree (PROBE_TREE): it measures the draft, not the concurrency-dependent budget (which is AR
     at high concurrency on a CPU and would hide any drift)."""
     cfg = RolloutConfig(**{**trainer.cfg.rollout.__dict__, "mode": "static", **PROBE_TREE})
-    gen = build_generator(cfg, trainer.backend.target_runner, draft)
+    factory = None
+    if trainer.cfg.draft.kind == "lm":
+        from fastgrpo.draft.lm import LMProposer
+
+        vocab = trainer.model.get_output_embeddings().weight.shape[0]
+        factory = lambda b, max_len, slots: LMProposer(draft, b, max_len, slots, vocab_size=vocab)
+    gen = build_generator(cfg, trainer.backend.target_runner, draft, proposer_factory=factory)
     with trainer.backend.generation_mode():
         out = gen.generate(prompts, params, torch.Generator().manual_seed(seed))
     return out.mean_accepted_len
 
 
 def bench_drift(target_folder: Path, draft_init: str | None, out_dir: Path, steps: int, c_peak: int,
-                probe_prompts: int = 8, probe_samples: int = 1, say=print) -> dict:
+                probe_prompts: int = 8, probe_samples: int = 1, say=print, draft_kind: str = "eagle") -> dict:
     """One GRPO run with online draft learning; after every step the online draft and a frozen
     copy of the initial draft are probed on the same prompts with the same seed."""
+    import copy
+
     from fastgrpo.trainer import GRPOTrainer
 
-    cfg = bench_config(target_folder, out_dir / "drift", "fastgrpo", steps, c_peak, draft_init)
+    cfg = bench_config(target_folder, out_dir / "drift", "fastgrpo", steps, c_peak, draft_init, draft_kind=draft_kind)
     trainer = GRPOTrainer(cfg)
-    frozen = EagleDraft(trainer.model)  # shares the live target's embedding and LM head
-    frozen.load_state_dict(trainer.draft.state_dict())
+    if draft_kind == "eagle":
+        frozen = EagleDraft(trainer.model)  # shares the live target's embedding and LM head
+        frozen.load_state_dict(trainer.draft.state_dict())
+    else:  # an independent LM: a plain copy
+        frozen = copy.deepcopy(trainer.draft)
     frozen.eval()
     prompts = [trainer.test_set[i].prompt_ids for i in range(probe_prompts) for _ in range(probe_samples)]
     params = SamplingParams(1.0, cfg.rollout.top_p, 0, cfg.rollout.max_new_tokens, trainer.sampling.stop_token_ids)
@@ -76,7 +88,8 @@ def bench_drift(target_folder: Path, draft_init: str | None, out_dir: Path, step
                      "accepted_len_rollout": m["rollout/mean_accepted_len"], "reward": m["reward/mean"],
                      "draft_top1": m.get("draft/top1_agreement")})
         say(f"step {step:>3}: accepted length online {online:.2f} frozen {fixed:.2f} reward {m['reward/mean']:.3f}")
-    return {"steps": rows, "c_peak": c_peak, "draft_init": draft_init, "probe_tree": PROBE_TREE}
+    return {"steps": rows, "c_peak": c_peak, "draft_init": draft_init, "draft_kind": draft_kind,
+            "probe_tree": PROBE_TREE}
 
 
 def bench_e2e(target_folder: Path, draft_init: str, out_dir: Path, steps: int, c_peak: int,
@@ -139,6 +152,33 @@ def plot_e2e(result: dict, out: Path) -> Path:
                 va="bottom")
     ax.set_ylabel("GRPO step time (s, median)")
     ax.set_title("End-to-end GRPO step time")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return Path(out)
+
+
+def plot_drift_variants(folder: Path, out: Path) -> Path:
+    """Every drift*.json in ``folder`` on one plot: online-learned acceptance per step for each
+    draft variant (pretrained / from scratch, EAGLE / LM), each with its frozen baseline dashed."""
+    import json
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, path in enumerate(sorted(Path(folder).glob("drift*.json"))):
+        res = json.loads(path.read_text())
+        xs = [r["step"] for r in res["steps"]]
+        color = f"C{i}"
+        ax.plot(xs, [r["accepted_len_online"] for r in res["steps"]], "-", color=color, label=f"{path.stem} online")
+        ax.plot(xs, [r["accepted_len_frozen"] for r in res["steps"]], "--", color=color, alpha=0.6,
+                label=f"{path.stem} frozen")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean accepted length")
+    ax.set_title("Draft variants: online learning (solid) vs frozen (dashed)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return Path(out)

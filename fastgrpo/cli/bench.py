@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="GRPO steps (drift, e2e)")
     p.add_argument("--from-scratch", action="store_true",
                    help="drift: start the draft from scratch instead of the pretrained one")
+    p.add_argument("--draft-kind", choices=["eagle", "lm"], default="eagle",
+                   help="drift: the draft architecture (lm = an independent small causal LM, from scratch)")
     p.add_argument("--preset", default="small")
     p.add_argument("--out", default="bench")
     p.add_argument("--cache-dir", default=".cache/fastgrpo/bench")
@@ -92,13 +94,15 @@ def _parallel_part(a) -> int:
 
 
 def _training_part(a, folder: Path, c_peak: int, out: Path) -> int:
-    from fastgrpo.bench.training import bench_drift, bench_e2e, plot_drift, plot_e2e
+    from fastgrpo.bench.training import bench_drift, bench_e2e, plot_drift, plot_drift_variants, plot_e2e
 
     draft_init = str(Path(folder) / f"draft-eagle-{a.draft_steps}.pt")
     if a.part == "drift":
-        name = "drift_scratch" if a.from_scratch else "drift"
-        result = bench_drift(folder, None if a.from_scratch else draft_init, out, a.steps, c_peak)
+        scratch = a.from_scratch or a.draft_kind == "lm"  # the pretrained draft is an EAGLE head
+        name = ("drift_scratch" if scratch else "drift") + ("_lm" if a.draft_kind == "lm" else "")
+        result = bench_drift(folder, None if scratch else draft_init, out, a.steps, c_peak, draft_kind=a.draft_kind)
         _write(out, name, result, plot_drift(result, out / f"{name}.png"), a, c_peak)
+        print(f"all drift variants so far: {plot_drift_variants(out, out / 'drift_variants.png')}")
     else:
         result = bench_e2e(folder, draft_init, out, a.steps, c_peak)
         _write(out, "e2e", result, plot_e2e(result, out / "e2e.png"), a, c_peak)
