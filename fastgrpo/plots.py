@@ -25,7 +25,8 @@ _PANELS: list[tuple[str, str, list[tuple[str, str, str]], tuple[float, float] | 
     (
         "Speculative decoding: mean accepted length",
         "tokens accepted per target forward",
-        [("rollout/mean_accepted_len", "mean accepted length", "line")],
+        [("rollout/mean_accepted_len", "mean accepted length", "line"),
+         ("rollout/ar_forward_reduction", "AR forwards / target forwards (speedup in forwards)", "line")],
         None,
     ),
 ]

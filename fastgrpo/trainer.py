@@ -200,6 +200,11 @@ class GRPOTrainer:
             tracker.log_metrics({"eval/accuracy": acc_after}, step=self.step)
             self._say(f"held-out accuracy after GRPO: {acc_after:.3f} "
                       f"(before: {self.state['accuracy_before_grpo']:.3f})")
+            spec = self._speculative_summary()
+            if spec:
+                self._say(f"speculative rollouts: mean accepted length {spec['accepted_len_first']:.2f} (first "
+                          f"steps) -> {spec['accepted_len_last']:.2f} (last steps); {spec['ar_forward_reduction']:.2f}x "
+                          f"fewer target forwards than AR; draft updates {100 * spec['draft_share']:.1f}% of step time")
             if self._saved_step != self.step:
                 self.save_checkpoint()
             summary = self._write_summary(acc_after, time.perf_counter() - t_start)
@@ -430,6 +435,25 @@ class GRPOTrainer:
         if self.rank == 0:
             print(msg, flush=True)
 
+    def _speculative_summary(self, window: int = 10) -> dict | None:
+        """Acceptance at the start and end of the run (does the draft keep up with the policy?),
+        the forward-count speedup against AR (one forward per token of the longest row) and the
+        draft update's share of the step."""
+        rows = [h for h in self.history if "rollout/mean_accepted_len" in h]
+        if self.cfg.rollout.mode == "ar" or not rows:
+            return None
+
+        def mean(key, part):
+            vals = [h[key] for h in part if key in h]
+            return sum(vals) / max(len(vals), 1)
+
+        t = self.state["time"]
+        busy = sum(t[k] for k in ("generation", "reward", "update", "draft")) or 1.0
+        return {"accepted_len_first": mean("rollout/mean_accepted_len", rows[:window]),
+                "accepted_len_last": mean("rollout/mean_accepted_len", rows[-window:]),
+                "ar_forward_reduction": mean("rollout/ar_forward_reduction", rows),
+                "draft_share": t["draft"] / busy}
+
     def _write_summary(self, acc_after: float, wall: float) -> dict:
         last = next((h for h in reversed(self.history) if "reward/mean" in h), {})
         final = {k: v for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -445,6 +469,7 @@ class GRPOTrainer:
             "final_metrics": final,
             "nonfinite_updates": self.state["nonfinite_total"],
             "rollout_mode": self.cfg.rollout.mode,
+            "speculative": self._speculative_summary(),
         }
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)

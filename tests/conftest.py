@@ -50,6 +50,10 @@ def compose_run_config(root, *overrides: str, run: str = "run"):
     from fastgrpo.cli.train import to_config
 
     root = Path(root)
+    if not any(o.startswith("rollout=") for o in overrides):
+        # The embedded default is rollout=fastgrpo (a C_peak sweep at start-up); tests about other
+        # parts run plain AR unless they ask for a speculative mode.
+        overrides = ("rollout=ar", *overrides)
     paths = [
         f"trainer.output_dir={root / run}",
         f"tracking.uri=sqlite:///{root / 'mlflow.db'}",

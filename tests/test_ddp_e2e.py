@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 TINY = [
+    "rollout=ar",
     "trainer.steps=2",
     "warmup.steps=3",
     "warmup.batch_size=8",

@@ -14,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
+    "rollout=ar",
     "backend=deepspeed", "backend.ddp_backend=gloo", "backend.deepspeed.zero_stage=3",
     "backend.deepspeed.param_persistence_threshold=0",  # really partition the tiny model
     "warmup.steps=3", "warmup.batch_size=8", "trainer.eval_size=8", "data.synthetic.num_train=200",
