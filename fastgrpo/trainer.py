@@ -112,9 +112,9 @@ class GRPOTrainer:
             self.draft, proposer_factory, self.draft_learner = build_draft_components(
                 cfg.draft, self.model, self.tokenizer, heads=self.backend.draft_heads())
             if cfg.rollout.mode == "fastgrpo":
-                with self.backend.generation_mode():  # profiled in the layout it will run in
-                    c_peak = resolve_c_peak(cfg.rollout.c_peak, self.model, cfg.rollout.c_peak_cache_dir,
-                                            model_name=cfg.model.path)
+                # Profiled in the layout it will run in.
+                c_peak = resolve_c_peak(cfg.rollout.c_peak, self.model, cfg.rollout.c_peak_cache_dir,
+                                        model_name=cfg.model.path, measure_context=self.backend.generation_mode)
                 self._say(f"C_peak = {c_peak} tokens per target forward")
         self.generator = build_generator(cfg.rollout, self.backend.target_runner, self.draft, c_peak,
                                          proposer_factory=proposer_factory)

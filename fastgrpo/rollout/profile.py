@@ -19,6 +19,7 @@ throughput against tokens per forward, with the knee marked, is written next to 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -498,13 +499,18 @@ def profile_c_peak(model: Any, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
 
 
 def resolve_c_peak(cfg_value: int | None, model: Any, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
-                   layout: str = "single", **kwargs: Any) -> int:
+                   layout: str = "single", measure_context: Any = None, **kwargs: Any) -> int:
     """What the trainer calls: ``rollout.c_peak`` when set, else the cached knee, else one sweep.
 
     Under torch.distributed every rank must call it: rank 0 resolves and broadcasts, so all
     ranks get the same C_peak (independent sweeps would differ by noise and give ranks
     different budgets). ``layout="single"`` only: one device per model replica.
+
+    ``measure_context``: a context-manager factory every rank enters around the measurement
+    (``PolicyBackend.generation_mode``: a collective under ZeRO-3); the other ranks leave it at
+    once, which is what lets them serve rank 0's forwards when layers are gathered per forward.
     """
+    measuring = measure_context or contextlib.nullcontext
     if cfg_value is not None:
         if int(cfg_value) < 1:
             raise ValueError(f"rollout.c_peak must be >= 1, got {cfg_value}")
@@ -513,13 +519,15 @@ def resolve_c_peak(cfg_value: int | None, model: Any, cache_dir: str | os.PathLi
 
     if dist.is_available() and dist.is_initialized():
         box: list[Any] = [None]
-        if dist.get_rank() == 0:
-            try:
-                box[0] = profile_c_peak(model, cache_dir, layout=layout, **kwargs)
-            except Exception as e:  # noqa: BLE001 - tell the other ranks instead of hanging them
-                box[0] = f"{type(e).__name__}: {e}"
+        with measuring():
+            if dist.get_rank() == 0:
+                try:
+                    box[0] = profile_c_peak(model, cache_dir, layout=layout, **kwargs)
+                except Exception as e:  # noqa: BLE001 - tell the other ranks instead of hanging them
+                    box[0] = f"{type(e).__name__}: {e}"
         dist.broadcast_object_list(box, src=0)
         if not isinstance(box[0], int):
             raise RuntimeError(f"C_peak profiling failed on rank 0: {box[0]}")
         return box[0]
-    return profile_c_peak(model, cache_dir, layout=layout, **kwargs)
+    with measuring():
+        return profile_c_peak(model, cache_dir, layout=layout, **kwargs)
