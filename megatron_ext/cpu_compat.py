@@ -25,6 +25,12 @@ process-wide. ``enable_cpu_for_tests()`` applies these patches, idempotently:
 6. ``Tensor.cuda()`` returns the tensor itself: a tied model with PP > 1 moves the last stage's
    embedding copy with ``weight.data.cuda()`` before all-reducing it over the embedding group
    (``LanguageModule.setup_embeddings_and_output_layer``).
+7. Megatron's DDP and optimizer (training, ``megatron_ext.train``): the optimizer, grad clipping,
+   grad scaler, distributed optimizer and ``megatron.core.utils`` (grad-norm helpers) allocate
+   with literal ``device="cuda"`` too, so they join the modules of patch 4; and they check
+   parameter types by string (``param.type() == 'torch.cuda.FloatTensor'``), so ``Tensor.type()``
+   with no arguments reports a CPU tensor under its CUDA name (``torch.FloatTensor`` ->
+   ``torch.cuda.FloatTensor``). ``Tensor.type(dtype)`` (a conversion) is untouched.
 """
 
 from __future__ import annotations
@@ -62,7 +68,24 @@ def _stay_on_cpu(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 # Megatron modules that allocate with a literal device="cuda" on the code paths the tests run.
-_MODULES_WITH_LITERAL_CUDA = ("megatron.core.pipeline_parallel.schedules",)
+_MODULES_WITH_LITERAL_CUDA = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.utils",
+)
+_real_tensor_type = torch.Tensor.type
+
+
+def _type_named_as_cuda(self: torch.Tensor, dtype=None, non_blocking: bool = False, **kwargs):
+    if dtype is not None or kwargs:  # a conversion: the real thing
+        return _real_tensor_type(self, dtype, non_blocking, **kwargs)
+    name = _real_tensor_type(self)
+    if self.device.type == "cpu" and name.startswith("torch.") and not name.startswith("torch.cuda."):
+        return "torch.cuda." + name[len("torch."):]
+    return name
 
 
 def _on_cpu(factory):
@@ -116,5 +139,8 @@ def enable_cpu_for_tests() -> None:
 
     # 6. .cuda() keeps tensors where they are.
     torch.Tensor.cuda = _stay_on_cpu
+
+    # 7. Tensor type names as the optimizer expects them (the modules joined patch 4 above).
+    torch.Tensor.type = _type_named_as_cuda
 
     _enabled = True

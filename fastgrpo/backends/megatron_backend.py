@@ -64,8 +64,8 @@ class MegatronBackend(PolicyBackend):
         # The torch backend's schedule, on a stand-in parameter: the lr is copied into megatron's
         # param groups before each step. An explicit lr (the SFT warm-up) overrides it until the
         # next scheduler step or restore_lr, as in the torch backend.
-        self.scheduler = build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=optim.lr),
-                                         optim, total_steps)
+        self._lr_holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=optim.lr)
+        self.scheduler = build_scheduler(self._lr_holder, optim, total_steps)
         self._lr_override: float | None = None
         self._heads: tuple[torch.nn.Module, torch.nn.Module] | None = None
         if algo.kl_beta != 0:
@@ -138,6 +138,7 @@ class MegatronBackend(PolicyBackend):
             skipped += int(m.pop("nonfinite"))
             for k, v in m.items():
                 totals[k] = totals.get(k, 0.0) + v / n_updates
+        self._lr_holder.step()  # a no-op (no gradient); keeps the scheduler's step-order check quiet
         self.scheduler.step()
         self._lr_override = None
         totals["lr"] = self.scheduler.get_last_lr()[0]
