@@ -113,6 +113,12 @@ class MegatronPolicy:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        if not torch.cuda.is_available():
+            # megatron-core 0.16 does not run on a CPU-only torch without these patches (the tests,
+            # CPU smoke runs); they refuse to apply when a GPU is visible.
+            from megatron_ext.cpu_compat import enable_cpu_for_tests
+
+            enable_cpu_for_tests()
         init_parallel(tensor_parallel, pipeline_parallel)
         self.ps = ps
         self.dtype = resolve_dtype(precision)

@@ -211,3 +211,31 @@ def test_megatron_is_a_registered_backend():
     assert "megatron" in BACKENDS and cfg.name == "megatron"
     opts = backend_options(cfg)
     assert opts["megatron_cfg"].tensor_parallel == 2 and opts["megatron_cfg"].distributed_optimizer
+
+
+@pytest.mark.slow
+def test_fastgrpo_train_backend_megatron_under_torchrun(tmp_path):
+    """The real CLI: 2 ranks as TP=2, SFT warm-up, speculative rollouts through the Megatron target
+    runner with the online draft on the backend's head replicas, GRPO steps, checkpoints."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "fastgrpo.cli.train", "backend=megatron",
+           "backend.megatron.tensor_parallel=2", "backend.ddp_backend=gloo", "trainer.steps=2", "warmup.steps=2",
+           "warmup.batch_size=8", "trainer.eval_size=4", "data.synthetic.num_train=100", "data.synthetic.num_test=8",
+           "data.test_size=8", "rollout.max_new_tokens=12", "algo.prompts_per_step=2", "algo.group_size=4",
+           "checkpoint.every=2", "trainer.progress=false", f"trainer.output_dir={tmp_path / 'run'}",
+           f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_location={tmp_path / 'art'}",
+           f"model.preset_cache_dir={tmp_path / 'presets'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["rollout_mode"] == "fastgrpo"
+    shards = sorted(p.name for p in (tmp_path / "run").rglob("megatron_tp*_pp0_dp0.pt"))
+    assert shards == ["megatron_tp0_pp0_dp0.pt", "megatron_tp1_pp0_dp0.pt"], shards
