@@ -1,7 +1,9 @@
-"""FOR TESTS ONLY: make megatron-core 0.16.1 run on a CPU-only torch build with gloo.
+"""FOR TESTS AND CPU-ONLY RUNS: make megatron-core 0.16.1 run on a CPU-only torch build with gloo.
 
-Never import this in a GPU run: it monkeypatches megatron-core (and ``torch.cuda.current_device``)
-process-wide. ``enable_cpu_for_tests()`` applies these patches, idempotently:
+Never apply this in a GPU run: it monkeypatches megatron-core (and ``torch.cuda.current_device``)
+process-wide (it refuses when a GPU is visible). ``megatron_ext.train.MegatronPolicy`` applies it
+itself when no GPU is visible, so ``fastgrpo-train backend=megatron`` runs on CPU (CI, smoke runs).
+``enable_cpu_for_tests()`` applies these patches, idempotently:
 
 1. ``torch.cuda.current_device()`` returns ``torch.device("cpu")``: megatron passes it as the
    ``device=`` of every buffer it allocates (TP all-gathers, pipeline p2p shapes, rotary
