@@ -33,10 +33,11 @@ How ranks agree on randomness: by construction, not by broadcasting decisions. E
 model-parallel group seeds its rollout ``torch.Generator`` identically (the trainer seeds by
 data-parallel rank, which the group shares) and receives bit-identical logits and hidden states,
 so the draft's tree, the one uniform per node and the acceptance walk are identical everywhere.
-This is checked, not assumed: with ``check_agreement`` (default) every forward, commit and
-drop_rows all-reduces a small checksum of its inputs (tree tokens, positions, mask, accepted
-paths, dropped rows) over the model-parallel group and raises on any mismatch, before a
-diverged rank can feed a collective garbage or hang it.
+This is checked, not assumed: with ``check_agreement`` (default) a digest of every call's inputs
+(prompts, tree tokens, positions, mask, accepted paths, dropped rows) is compared over the
+model-parallel group with one fixed-size all-reduce, and every rank raises on a mismatch before a
+diverged rank can feed the model's collectives garbage or hang them. A commit's digest rides on
+the next forward's or drop_rows' all-reduce (one small collective per engine step).
 
 Not supported (raises): sequence parallelism (needs the tree block padded to a multiple of TP and
 a sequence gather of the outputs), virtual (interleaved) pipeline stages.
@@ -61,12 +62,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _checksum(t: torch.Tensor) -> torch.Tensor:
-    """[numel, ndim, position-weighted sum] of an integer / bool tensor (int64, wraps on overflow)."""
-    flat = t.reshape(-1).long()
-    weights = torch.arange(1, flat.numel() + 1, device=flat.device)
-    return torch.stack([torch.tensor(flat.numel(), device=flat.device),
-                        torch.tensor(t.dim(), device=flat.device), (flat * weights).sum()])
+_AGREE_CALLS = ("prefill", "forward", "drop_rows")
+_MIX = 1_000_003
+
+
+def _digest(tensors, device) -> torch.Tensor:
+    """int64 [3]: (shapes, position-weighted sums, plain sums) of integer / bool tensors, mixed in
+    order (int64 arithmetic wraps: still deterministic)."""
+    d = torch.zeros(3, dtype=torch.long, device=device)
+    for t in tensors:
+        flat = t.reshape(-1).to(device=device, dtype=torch.long)
+        shape = 0
+        for n in t.shape:
+            shape = (shape * _MIX + n + 1) % (1 << 61)
+        weights = torch.arange(1, flat.numel() + 1, device=device)
+        d = d * _MIX + torch.stack([torch.tensor(shape, device=device), (flat * weights).sum(), flat.sum()])
+    return d
 
 
 def _unwrap(model):
@@ -151,6 +162,7 @@ class MegatronTargetRunner:
             self.pp_next = ps.get_pipeline_model_parallel_next_rank()
         self.mp_group = ps.get_model_parallel_group()
         self.check_agreement = check_agreement and self.tp_size * self.pp_size > 1
+        self._pending = torch.zeros(3, dtype=torch.long, device=self.device)  # deferred commit digests
 
     @classmethod
     def from_model(cls, gpt_model, arch_or_hf_config, max_batch: int, max_len: int,
@@ -169,18 +181,27 @@ class MegatronTargetRunner:
         return self.cache.lengths[: self.cache.num_rows]
 
     # ---- agreement across the model-parallel group ---------------------------------------------
-    def _agree(self, what: str, *tensors: torch.Tensor) -> None:
+    def _agree(self, call: str, *tensors: torch.Tensor, defer: bool = False) -> None:
+        """Compare ``tensors`` (and any deferred digest) across the model-parallel group; raise on
+        every rank if any rank differs. ``defer``: fold into the next comparison instead."""
         if not self.check_agreement:
             return
-        local = torch.cat([_checksum(t.to(self.device)) for t in tensors])
+        digest = _digest(tensors, self.device)
+        if defer:
+            self._pending = self._pending * _MIX + digest
+            return
+        code = torch.tensor([_AGREE_CALLS.index(call)], device=self.device)
+        local = torch.cat([code, self._pending, digest])
+        self._pending = torch.zeros_like(self._pending)
         both = torch.cat([local, -local])
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.mp_group)
         n = local.numel()
         if not torch.equal(both[:n], -both[n:]):
+            what = "the call" if both[0] != -both[n] else "the last accepted paths" if not torch.equal(
+                both[1:4], -both[n + 1: n + 4]) else f"the {call} inputs"
             raise RuntimeError(
-                f"model-parallel ranks disagree on {what} (checksums max {both[:n].tolist()} vs min "
-                f"{(-both[n:]).tolist()}): every rank of a TP/PP group must run the generator with the same "
-                "prompts, sampling params and identically seeded torch.Generator")
+                f"model-parallel ranks disagree on {what} ({call}): every rank of a TP/PP group must run the "
+                "generator with the same prompts, sampling params and identically seeded torch.Generator")
 
     # ---- the forward ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -268,7 +289,7 @@ class MegatronTargetRunner:
         tokens = torch.zeros(b, width, dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        self._agree("prefill prompts", tokens, lens)
+        self._agree("prefill", tokens, lens)
         pos = torch.arange(width, device=self.device)
         # As HFTargetRunner: right padding, row b attends causally to its own first lens[b] tokens;
         # pad queries see column 0 only (their outputs are discarded).
@@ -298,18 +319,18 @@ class MegatronTargetRunner:
         float or None, hidden[B,T,H])."""
         tokens, positions_offset = tokens.to(self.device), positions_offset.to(self.device)
         offsets, visible = offsets.to(self.device), visible.to(self.device)
-        self._agree("tree block", tokens, positions_offset, offsets, visible)
+        self._agree("forward", tokens, positions_offset, offsets, visible)
         mask = self.cache.attend(offsets, visible)
         return self._run(tokens, self.lengths.unsqueeze(1) + positions_offset, mask, with_logits=with_logits)
 
     def commit(self, keep: torch.Tensor, num_keep: torch.Tensor) -> None:
         keep, num_keep = keep.to(self.device), num_keep.to(self.device)
-        self._agree("accepted paths", keep, num_keep)
+        self._agree("commit", keep, num_keep, defer=True)
         self.cache.commit(keep, num_keep)
 
     def drop_rows(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.device)
-        self._agree("dropped rows", rows)
+        self._agree("drop_rows", rows)
         self.cache.drop_rows(rows)
 
     def release(self) -> None:
