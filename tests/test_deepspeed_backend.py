@@ -72,7 +72,7 @@ def _expected(ref_dir):
     probe = torch.tensor([[1, 5, 7, 2, 3, 9]])
     with torch.no_grad():
         logits = backend.model.eval()(input_ids=probe).logits
-    return {"loss": metrics["loss"], "kl": metrics["kl"], "state": {k: v.clone() for k, v in
+    return {"loss": metrics["loss"], "kl": metrics["kl"], "pg_loss": metrics["pg_loss"], "state": {k: v.clone() for k, v in
             backend.model.state_dict().items()}, "greedy": before_greedy, "probe": probe, "logits": logits}
 
 
@@ -112,7 +112,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                     r["layers_per_group"] = backend.last_gather.layers_per_group
                     r["greedy_groups"] = greedy(backend.target_runner, mine, max_new=10 if rank == 0 else 4)
             metrics = backend.train_step(half)
-            r["loss"], r["kl"] = metrics["loss"], metrics["kl"]
+            r["loss"], r["kl"], r["pg_loss"] = metrics["loss"], metrics["kl"], metrics["pg_loss"]
             sd = backend.full_state_dict()
             if rank == 0:
                 r["max_weight_diff"] = max(float((sd[k].float() - v).abs().max())
@@ -155,6 +155,7 @@ def test_zero_stages_match_torch_backend_and_zero3_generation(tmp_path):
         res = r0[stage]
         assert abs(res["loss"] - expected["loss"]) < LOSS_TOL, (stage, res["loss"], expected["loss"])
         assert abs(res["kl"] - expected["kl"]) < LOSS_TOL and res["kl"] > 0
+        assert abs(res["pg_loss"] - expected["pg_loss"]) < LOSS_TOL  # metrics are global, not per rank
         assert r1[stage]["loss"] == res["loss"]  # reduced over ranks
         assert res["keys_match"]
         assert res["max_weight_diff"] < WEIGHT_TOL, (stage, res["max_weight_diff"])

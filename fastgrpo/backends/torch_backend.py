@@ -192,7 +192,8 @@ class TorchBackend(PolicyBackend):
             w = m["num_tokens"] * self.world_size / max(num_tokens, 1.0)
             for k in ("kl", "clip_frac", "ratio_mean"):
                 metrics[k] = metrics.get(k, 0.0) + m[k] * w
-            metrics["pg_loss"] = metrics.get("pg_loss", 0.0) + m["pg_loss"]
+            # A globally normalised partial sum: x world_size so that the mean over ranks is the total.
+            metrics["pg_loss"] = metrics.get("pg_loss", 0.0) + m["pg_loss"] * self.world_size
         loss_total = float(dist_utils.all_reduce_sum(torch.tensor(loss_total, dtype=torch.float64)))
         nonfinite = not math.isfinite(loss_total)
         if nonfinite:
