@@ -1,7 +1,8 @@
 """The deepspeed backend with 2 real gloo processes on CPU (DS_ACCELERATOR=cpu).
 
-- One GRPO update under ZeRO-1, ZeRO-2 and ZeRO-3 (each rank holding half of the batch) gives the
-  loss and updated weights of the ``torch`` backend on the whole batch in one process.
+- One GRPO update under ZeRO-1, ZeRO-2 and ZeRO-3, and with optimizer / parameter offload (each
+  rank holding half of the batch) gives the loss and updated weights of the ``torch`` backend on
+  the whole batch in one process.
 - Under ZeRO-3 with every parameter partitioned, greedy generation inside ``generation_mode()``
   equals greedy generation of the unsharded model, both with the whole model gathered and with
   layer groups (ranks generating different numbers of tokens, which must not hang).
@@ -41,6 +42,14 @@ def make_batch(n=8, seed=0):
     return build_policy_batch(prompts, responses, 0, torch.randn(n, generator=g))
 
 
+VARIANTS = {  # parameters partitioned down to the smallest (persistence threshold 0)
+    "zero1": DeepSpeedConfig(zero_stage=1),
+    "zero2": DeepSpeedConfig(zero_stage=2),
+    "zero3": DeepSpeedConfig(zero_stage=3, param_persistence_threshold=0),
+    "zero2_offload": DeepSpeedConfig(zero_stage=2, offload_optimizer="cpu"),
+    "zero3_offload": DeepSpeedConfig(zero_stage=3, param_persistence_threshold=0, offload_optimizer="cpu",
+                                     offload_param="cpu"),
+}
 ALGO = {"micro_batch_size": 3, "kl_beta": 0.04}
 OPTIM = OptimConfig(lr=1e-3, grad_clip=1.0)
 
@@ -94,12 +103,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     batch = make_batch()
     half = batch.rows(slice(rank * 4, (rank + 1) * 4))
     try:
-        for stage in (1, 2, 3):
-            ds = DeepSpeedConfig(zero_stage=stage, param_persistence_threshold=0)
+        for name, ds in VARIANTS.items():
             backend = DeepSpeedBackend(perturbed_model(), None, AlgoConfig(**ALGO), OPTIM, 10, deepspeed_cfg=ds)
             backend.load_reference(f"{out_dir}/ref")
             r: dict = {}
-            if stage == 3:
+            if name == "zero3":
                 sizes = [(p.ds_tensor.numel(), p.ds_numel, p.numel()) for p in backend.model.parameters()]
                 r["partitioned"] = all(local < full and visible == 0 for local, full, visible in sizes)
                 with backend.generation_mode():
@@ -118,7 +126,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 r["max_weight_diff"] = max(float((sd[k].float() - v).abs().max())
                                            for k, v in expected["state"].items() if k in sd)
                 r["keys_match"] = set(sd) >= set(expected["state"]) - {"lm_head.weight"}
-            if stage == 3:
+            if name == "zero3":
                 backend.save_hf(f"{out_dir}/hf")
                 dist.barrier()
                 if rank == 0:
@@ -132,7 +140,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 empty = build_policy_batch([], [], 0, torch.zeros(0))
                 m = backend.train_step(half if rank == 0 else empty)
                 r["uneven_ok"] = bool(torch.isfinite(torch.tensor(m["loss"])))
-            res[stage] = r
+            res[name] = r
             backend.engine.destroy()
             dist.barrier()
         torch.save(res, f"{out_dir}/rank{rank}.pt")
@@ -151,7 +159,7 @@ def test_zero_stages_match_torch_backend_and_zero3_generation(tmp_path):
     torch.save(expected, tmp_path / "expected.pt")
     mp.spawn(_worker, args=(_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
-    for stage in (1, 2, 3):
+    for stage in VARIANTS:
         res = r0[stage]
         assert abs(res["loss"] - expected["loss"]) < LOSS_TOL, (stage, res["loss"], expected["loss"])
         assert abs(res["kl"] - expected["kl"]) < LOSS_TOL and res["kl"] > 0
@@ -159,12 +167,12 @@ def test_zero_stages_match_torch_backend_and_zero3_generation(tmp_path):
         assert r1[stage]["loss"] == res["loss"]  # reduced over ranks
         assert res["keys_match"]
         assert res["max_weight_diff"] < WEIGHT_TOL, (stage, res["max_weight_diff"])
-    z3 = r0[3]
-    assert z3["partitioned"] and r1[3]["partitioned"]
+    z3 = r0["zero3"]
+    assert z3["partitioned"] and r1["zero3"]["partitioned"]
     assert z3["gather_mode"] == "whole"
-    assert z3["greedy_whole"] == expected["greedy"] == r1[3]["greedy_whole"]
+    assert z3["greedy_whole"] == expected["greedy"] == r1["zero3"]["greedy_whole"]
     assert z3["gather_mode_small"] == "groups" and z3["layers_per_group"] == 1
     assert z3["greedy_groups"] == expected["greedy"][:3]
-    assert r1[3]["greedy_groups"] == [expected["greedy"][3][:4]]
+    assert r1["zero3"]["greedy_groups"] == [expected["greedy"][3][:4]]
     assert z3["export_logit_diff"] < 1e-5
-    assert z3["uneven_ok"] and r1[3]["uneven_ok"]
+    assert z3["uneven_ok"] and r1["zero3"]["uneven_ok"]

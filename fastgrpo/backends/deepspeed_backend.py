@@ -80,8 +80,21 @@ def deepspeed_json(ds: DeepSpeedConfig, algo: AlgoConfig, optim: OptimConfig, wo
         "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # On a CPU-only machine the offloaded step runs in torch's AdamW (see _client_optimizer).
+        "zero_force_ds_cpu_optimizer": on_cuda,
     }
     return _merge(cfg, ds.config)
+
+
+def _client_optimizer(model: torch.nn.Module, optim: OptimConfig, offload: bool, on_cuda: bool):
+    """torch's AdamW (nothing to compile; ZeRO partitions its state), except with the optimizer
+    offloaded from GPUs: then DeepSpeed's vectorised CPU Adam (AdamW mode), built at first use."""
+    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "weight_decay": optim.weight_decay}
+    if offload and on_cuda:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(model.parameters(), **kwargs)
 
 
 def reference_json(policy_cfg: dict[str, Any], ds: DeepSpeedConfig) -> dict[str, Any]:
@@ -115,9 +128,7 @@ class DeepSpeedBackend(TorchBackend):
         if self.config["bf16"]["enabled"]:
             model.to(torch.bfloat16)
         model.train()
-        # torch's AdamW as the client optimizer: nothing to compile, and ZeRO partitions its state.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                                      weight_decay=optim.weight_decay)
+        optimizer = _client_optimizer(model, optim, offload=self.ds_cfg.offload_optimizer == "cpu", on_cuda=on_cuda)
         # The scheduler acts on the client's param groups, which ZeRO keeps using; it is stepped
         # by the backend once per GRPO step, exactly as in the torch backend.
         self.scheduler = build_scheduler(optimizer, optim, total_steps)
