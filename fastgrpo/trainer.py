@@ -27,14 +27,14 @@ from fastgrpo.checkpoint import (
 )
 from fastgrpo.config import FastGRPOConfig
 from fastgrpo.data import PromptLoader, build_datasets
-from fastgrpo.draft import build_draft_components, sequences_from_rollouts
+from fastgrpo.draft import sequences_from_rollouts
 from fastgrpo.launch import PreemptionGuard, signal_name
 from fastgrpo.models import is_preset, load_policy, model_fingerprint
 from fastgrpo.plots import plot_training_curves
 from fastgrpo.progress import StepProgress
 from fastgrpo.rewards import RewardScorer, get_reward_fn
 from fastgrpo.rollout import SamplingParams
-from fastgrpo.rollout.factory import build_generator
+from fastgrpo.rollout.factory import build_rollout_components
 from fastgrpo.tracking import Tracker, flatten_config
 
 log = logging.getLogger("fastgrpo")
@@ -104,21 +104,13 @@ class GRPOTrainer:
         # Every rank walks the same global order and takes its own slice: all G samples of a
         # prompt stay on one rank, so advantages never need a cross-rank group.
         self.loader = PromptLoader(self.train_set, algo.prompts_per_step, seed=cfg.data.shuffle_seed)
-        self.draft, self.draft_learner, proposer_factory, c_peak = None, None, None, None
-        if cfg.rollout.mode != "ar":
-            from fastgrpo.rollout.profile import resolve_c_peak
-
-            # With draft.online the learner keeps the draft in step with the policy (FastGRPO).
-            self.draft, proposer_factory, self.draft_learner = build_draft_components(
-                cfg.draft, self.model, self.tokenizer, heads=self.backend.draft_heads())
-            if cfg.rollout.mode == "fastgrpo":
-                # Profiled in the layout it will run in.
-                c_peak = resolve_c_peak(cfg.rollout.c_peak, self.model, cfg.rollout.c_peak_cache_dir,
-                                        model_name=cfg.model.path, measure_context=self.backend.generation_mode)
-                self._say(f"C_peak = {c_peak} tokens per target forward")
-        self.generator = build_generator(cfg.rollout, self.backend.target_runner, self.draft, c_peak,
-                                         proposer_factory=proposer_factory)
-        self.generator.capture_features = self.draft_learner is not None
+        # Which ranks decode and hold the draft: every rank, except under pipeline parallelism,
+        # where the last stage does and the other stages follow it (PolicyBackend.rollout_placement).
+        # With draft.online the learner keeps the draft in step with the policy (FastGRPO).
+        rc = build_rollout_components(cfg.rollout, cfg.draft, self.backend, self.model, self.tokenizer,
+                                      c_peak_fn=self._resolve_c_peak)
+        self.placement, self.draft, self.draft_learner, self.generator = \
+            rc.placement, rc.draft, rc.learner, rc.generator
         self.scorer = RewardScorer(cfg.reward)
         self.accuracy_fn = get_reward_fn("accuracy")
         stops = stop_token_ids(self.tokenizer, self.model)
@@ -248,6 +240,7 @@ class GRPOTrainer:
         # The draft learns from every rollout (zero-reward ones too), on the hidden states that
         # verification already computed: no extra target pass.
         draft_metrics = self.draft_learner.update(sequences_from_rollouts(rollouts)) if self.draft_learner else {}
+        draft_metrics = self.placement.from_lead(draft_metrics)
         t_draft = time.perf_counter()
 
         times = {"generation": t_gen - t0, "reward": t_reward - t_gen, "update": t_update - t_reward,
@@ -281,6 +274,16 @@ class GRPOTrainer:
         raise Preempted(self.step, sig, path)
 
     # ---- pieces ----------------------------------------------------------------------------
+    def _resolve_c_peak(self) -> int:
+        from fastgrpo.rollout.profile import resolve_c_peak
+
+        cfg = self.cfg
+        # Profiled in the layout it will run in.
+        c_peak = resolve_c_peak(cfg.rollout.c_peak, self.model, cfg.rollout.c_peak_cache_dir,
+                                model_name=cfg.model.path, measure_context=self.backend.generation_mode)
+        self._say(f"C_peak = {c_peak} tokens per target forward")
+        return c_peak
+
     def evaluate(self) -> float:
         """Greedy held-out accuracy (fraction of test prompts whose answer verifies)."""
         n = min(self.cfg.trainer.eval_size, len(self.test_set))
@@ -346,10 +349,14 @@ class GRPOTrainer:
             "trainer": json.dumps(self.state),
             "history": json.dumps(self.history),
         }
+        draft = None
         if self.draft_learner is not None:
-            state["draft"] = self.draft_learner.state_dict()
+            draft = self.draft_learner.state_dict()
         elif self.draft is not None:
-            state["draft"] = {"draft": self.draft.state_dict()}
+            draft = {"draft": self.draft.state_dict()}
+        draft = self.placement.to_rank0(draft)  # the draft may live on other ranks than rank 0
+        if draft is not None:
+            state["draft"] = draft
         if self.world > 1:  # each rank keeps its own sampling stream
             state["rng_per_rank"] = dist_utils.all_gather_objects(state["rng"])
         # Rank 0 owns the folder; every rank writes its part (gathered HF weights, ZeRO shards);

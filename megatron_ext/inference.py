@@ -21,23 +21,33 @@ holds the same concatenation, bit for bit) and the padded vocab columns are stri
 sampler sees the checkpoint's vocabulary, as with HF). The final hidden state is broadcast from
 the TP group's first rank so TP ranks hold bit-identical copies too.
 
-PP (the simplest correct option): a runner forward is one pass down the pipeline: stage s
-receives the [T, B, H] activations from stage s-1 (point-to-point), runs its layers and sends
-them on; the last stage computes the final hidden states and the gathered logits, and broadcasts
-both to the other stages over the pipeline group. Every rank then runs the same Generator (the
-draft, the sampling and the acceptance walk) on identical inputs. The pipe is not filled: one
-stage works at a time, so a step costs the sum of the stage times plus the transfers (measured in
-tests/test_megatron_speculative.py's ``bench``).
+PP (the draft lives on the last stage, DESIGN.md 4): a runner forward is one pass down the
+pipeline: stage s receives the [T, B, H] activations from stage s-1 (point-to-point), runs its
+layers and sends them on; the last stage computes the final hidden states and the gathered logits
+and keeps them. Only the last stage (the *lead*) runs the Generator: the draft, the sampling, the
+acceptance walk and the feature capture for the online draft learner. The other stages
+(*followers*) replay the lead's runner calls: each lead call is announced over the pipeline group
+through ``PipeChannel`` (integer and boolean tensors only: prompt tokens and lengths, tree tokens,
+depths, cache offsets and the tree mask per forward; accepted paths and dropped rows ride on the
+next forward's message), ``follow_last_stage`` executes them, and ``PipelineGenerator`` ends every
+generation with one message carrying the rollouts (token ids, log-probs, finish reasons, step
+stats; never the features) or the lead's error, so every stage returns the same ``Rollouts``. No
+logits or hidden states leave the last stage: two small broadcasts per engine step instead of
+[B, T, V] logits and [B, T, H] hidden states. The pipe is not filled: one stage works at a time, so
+a step costs the sum of the stage times plus the transfers (tests/test_megatron_speculative.py's
+``bench``). ``LastStagePlacement`` tells the trainer which ranks hold the draft (the last stage),
+the group its gradients are summed over, and how its state reaches global rank 0's checkpoint.
 
-How ranks agree on randomness: by construction, not by broadcasting decisions. Every rank of a
-model-parallel group seeds its rollout ``torch.Generator`` identically (the trainer seeds by
-data-parallel rank, which the group shares) and receives bit-identical logits and hidden states,
-so the draft's tree, the one uniform per node and the acceptance walk are identical everywhere.
-This is checked, not assumed: with ``check_agreement`` (default) a digest of every call's inputs
-(prompts, tree tokens, positions, mask, accepted paths, dropped rows) is compared over the
-model-parallel group with one fixed-size all-reduce, and every rank raises on a mismatch before a
-diverged rank can feed the model's collectives garbage or hang them. A commit's digest rides on
-the next forward's or drop_rows' all-reduce (one small collective per engine step).
+How TP ranks agree on randomness: by construction, not by broadcasting decisions. Every lead rank
+of a TP group seeds its rollout ``torch.Generator`` identically (the trainer seeds by data-parallel
+rank, which the group shares) and holds bit-identical logits and hidden states, so the draft's
+tree, the one uniform per node and the acceptance walk are identical everywhere. This is checked,
+not assumed: with ``check_agreement`` (default) a digest of every call's inputs (prompts, tree
+tokens, positions, mask, accepted paths, dropped rows) is compared over the lead stage's TP group
+with one fixed-size all-reduce, and every rank raises on a mismatch before a diverged rank can feed
+the model's collectives garbage or hang them (followers then get the error with the generation's
+last message). A commit's digest rides on the next forward's or drop_rows' all-reduce (one small
+collective per engine step). Followers need no check: they execute what their own lead sent.
 
 Not supported (raises): sequence parallelism (needs the tree block padded to a multiple of TP and
 a sequence gather of the outputs), virtual (interleaved) pipeline stages.
@@ -46,13 +56,18 @@ a sequence gather of the outputs), virtual (interleaved) pipeline stages.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import pickle
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fastgrpo.backends.base import RolloutPlacement
+from fastgrpo.rollout.base import Rollouts
 from fastgrpo.rollout.hf_runner import RaggedKVCache
 from megatron_ext.model import GPTArch
 
@@ -78,6 +93,84 @@ def _digest(tensors, device) -> torch.Tensor:
         weights = torch.arange(1, flat.numel() + 1, device=device)
         d = d * _MIX + torch.stack([torch.tensor(shape, device=device), (flat * weights).sum(), flat.sum()])
     return d
+
+
+# ---- what the last pipeline stage tells the others -----------------------------------------------
+_PREFILL, _FORWARD, _COMMIT, _DROP, _FINISH = range(1, 6)
+_WIRE_DTYPES = (torch.int64, torch.bool, torch.uint8, torch.int32)
+
+
+class PipeChannel:
+    """Messages from the last pipeline stage (the lead) to the other stages of its pipeline group.
+
+    A message is a list of ops ``(code, [tensors])``; the tensors must be integer or boolean (the
+    channel refuses floating-point data: logits and hidden states stay on the last stage). It goes
+    as two broadcasts from the last stage: an int64 [2] header (meta length, payload bytes) and one
+    uint8 buffer holding the ops' codes, dtypes and shapes followed by the raw tensor bytes.
+    Objects (the generation's final rollouts) travel pickled in a uint8 tensor."""
+
+    def __init__(self, device: torch.device):
+        from megatron.core import parallel_state as ps
+
+        self.group = ps.get_pipeline_model_parallel_group()
+        self.src = ps.get_pipeline_model_parallel_last_rank()
+        self.lead = ps.is_pipeline_last_stage()
+        self.device = device
+
+    def _broadcast(self, t: torch.Tensor) -> None:
+        dist.broadcast(t, src=self.src, group=self.group)
+
+    def send(self, ops: list[tuple[int, list[torch.Tensor]]]) -> None:
+        meta, chunks = [len(ops)], []
+        for code, tensors in ops:
+            meta += [code, len(tensors)]
+            for t in tensors:
+                if t.dtype not in _WIRE_DTYPES:
+                    raise TypeError(f"PipeChannel sends integer/bool tensors only, got {t.dtype}")
+                meta += [_WIRE_DTYPES.index(t.dtype), t.dim(), *t.shape]
+                chunks.append(t.detach().reshape(-1).contiguous().view(torch.uint8).to(self.device))
+        head = torch.tensor(meta, dtype=torch.long, device=self.device).view(torch.uint8)
+        payload = torch.cat([head, *chunks])
+        self._broadcast(torch.tensor([len(meta), payload.numel()], dtype=torch.long, device=self.device))
+        self._broadcast(payload)
+
+    def recv(self) -> list[tuple[int, list[torch.Tensor]]]:
+        header = torch.empty(2, dtype=torch.long, device=self.device)
+        self._broadcast(header)
+        n_meta, n_bytes = header.tolist()
+        payload = torch.empty(n_bytes, dtype=torch.uint8, device=self.device)
+        self._broadcast(payload)
+        meta = payload[: 8 * n_meta].clone().view(torch.long).tolist()
+        pos, i, ops = 8 * n_meta, 1, []
+        for _ in range(meta[0]):
+            code, n = meta[i], meta[i + 1]
+            i += 2
+            tensors = []
+            for _ in range(n):
+                dtype, ndim = _WIRE_DTYPES[meta[i]], meta[i + 1]
+                shape = meta[i + 2: i + 2 + ndim]
+                i += 2 + ndim
+                size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+                tensors.append(payload[pos: pos + size].clone().view(dtype).reshape(shape))
+                pos += size
+            ops.append((code, tensors))
+        return ops
+
+    @staticmethod
+    def object_tensor(obj: Any) -> torch.Tensor:
+        return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+    @staticmethod
+    def tensor_object(t: torch.Tensor) -> Any:
+        return pickle.loads(t.cpu().numpy().tobytes())
+
+    def share(self, obj: Any = None) -> Any:
+        """The lead's ``obj`` on every stage (collective over the pipeline group)."""
+        if self.lead:
+            self.send([(_FINISH, [self.object_tensor(obj)])])
+            return obj
+        (_, (t,)), = self.recv()
+        return self.tensor_object(t)
 
 
 def _unwrap(model):
@@ -119,8 +212,10 @@ class MegatronTargetRunner:
     """TargetRunner (fastgrpo.rollout.base) over this rank's GPTModel stage; see the module doc.
 
     ``backend`` needs ``gpt_model`` (this rank's stage, possibly DDP/Float16-wrapped) and either
-    ``arch`` (a GPTArch) or ``hf_config``. Collective over the model-parallel group: every rank of
-    it must make the same calls with the same arguments."""
+    ``arch`` (a GPTArch) or ``hf_config``. Collective over the model-parallel group: every lead rank
+    (the last stage; every rank when PP = 1) makes the same calls with the same arguments, and
+    under PP > 1 the other stages run ``follow_last_stage`` meanwhile (``PipelineGenerator``). A
+    follower's ``prefill``/``forward`` return (None, None): it holds no logits or hidden states."""
 
     def __init__(self, backend, max_batch: int, max_len: int, check_agreement: bool = True):
         from megatron.core import parallel_state as ps
@@ -154,14 +249,17 @@ class MegatronTargetRunner:
         self._mask = self._cos = self._sin = None
         self.tp_size = ps.get_tensor_model_parallel_world_size()
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
-        self.tp_group, self.pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+        self.tp_group = ps.get_tensor_model_parallel_group()
         self.tp_src = ps.get_tensor_model_parallel_src_rank()
-        self.pp_last = ps.get_pipeline_model_parallel_last_rank()
         if self.pp_size > 1:
             self.pp_prev = ps.get_pipeline_model_parallel_prev_rank()
             self.pp_next = ps.get_pipeline_model_parallel_next_rank()
-        self.mp_group = ps.get_model_parallel_group()
-        self.check_agreement = check_agreement and self.tp_size * self.pp_size > 1
+        # The lead runs the Generator; under PP > 1 only the last stage does, and it announces every
+        # call to the other stages of its pipeline (``follow_last_stage``).
+        self.lead = self.post_process
+        self.channel = PipeChannel(self.device) if self.pp_size > 1 and self.lead else None
+        self._outbox: list[tuple[int, list[torch.Tensor]]] = []  # commits / drops for the next message
+        self.check_agreement = check_agreement and self.tp_size > 1 and self.lead
         self._pending = torch.zeros(3, dtype=torch.long, device=self.device)  # deferred commit digests
 
     @classmethod
@@ -194,13 +292,13 @@ class MegatronTargetRunner:
         local = torch.cat([code, self._pending, digest])
         self._pending = torch.zeros_like(self._pending)
         both = torch.cat([local, -local])
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.mp_group)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.tp_group)
         n = local.numel()
         if not torch.equal(both[:n], -both[n:]):
             what = "the call" if both[0] != -both[n] else "the last accepted paths" if not torch.equal(
                 both[1:4], -both[n + 1: n + 4]) else f"the {call} inputs"
             raise RuntimeError(
-                f"model-parallel ranks disagree on {what} ({call}): every rank of a TP/PP group must run the "
+                f"model-parallel ranks disagree on {what} ({call}): every rank of a TP group must run the "
                 "generator with the same prompts, sampling params and identically seeded torch.Generator")
 
     # ---- the forward ---------------------------------------------------------------------------
@@ -235,10 +333,19 @@ class MegatronTargetRunner:
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
         return logits[..., : self.arch.vocab_size].transpose(0, 1).float().contiguous()
 
+    def _tell(self, code: int, *tensors: torch.Tensor, now: bool = True) -> None:
+        """Lead under PP: announce a call to the other stages (``now``: with the queued ones)."""
+        if self.channel is None:
+            return
+        self._outbox.append((code, list(tensors)))
+        if now:
+            self.channel.send(self._outbox)
+            self._outbox = []
+
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
              last_index: torch.Tensor | None = None, with_logits: bool = True):
         """One pass down the pipeline. Returns (logits [B, T, V] float, or [B, V] at ``last_index``,
-        or None; final hidden [B, T, H]) on every rank."""
+        or None; final hidden [B, T, H]) on the last stage, (None, None) on the others."""
         b, t = tokens.shape
         h = self.arch.hidden_size
         freqs = positions.float().mul(self.pos_scale).unsqueeze(-1) * self.inv_freq  # [B, T, hn/2]
@@ -253,7 +360,7 @@ class MegatronTargetRunner:
                 dist.recv(x, src=self.pp_prev)
                 self.model.decoder.set_input_tensor(x)
             y = self.model.decoder(hidden_states=x, attention_mask=None)
-        logits = None
+        logits = hidden = None
         if self.post_process:
             hidden = y.transpose(0, 1).to(self.dtype).contiguous()
             if with_logits:
@@ -265,15 +372,6 @@ class MegatronTargetRunner:
                 dist.broadcast(hidden, src=self.tp_src, group=self.tp_group)
         else:
             dist.send(y.contiguous(), dst=self.pp_next)
-        if self.pp_size > 1:
-            if not self.post_process:
-                hidden = torch.empty(b, t, h, dtype=self.dtype, device=self.device)
-                if with_logits:
-                    shape = (b, self.arch.vocab_size) if last_index is not None else (b, t, self.arch.vocab_size)
-                    logits = torch.empty(shape, dtype=torch.float32, device=self.device)
-            dist.broadcast(hidden, src=self.pp_last, group=self.pp_group)
-            if with_logits:
-                dist.broadcast(logits, src=self.pp_last, group=self.pp_group)
         return logits, hidden
 
     # ---- the TargetRunner protocol -------------------------------------------------------------
@@ -290,6 +388,12 @@ class MegatronTargetRunner:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         self._agree("prefill", tokens, lens)
+        self._tell(_PREFILL, tokens, lens, torch.tensor([self.max_batch, self.max_len]))
+        return self._prefill(tokens, lens)
+
+    def _prefill(self, tokens: torch.Tensor, lens: torch.Tensor):
+        b, width = tokens.shape
+        tokens, lens = tokens.to(self.device), lens.to(self.device)
         pos = torch.arange(width, device=self.device)
         # As HFTargetRunner: right padding, row b attends causally to its own first lens[b] tokens;
         # pad queries see column 0 only (their outputs are discarded).
@@ -320,20 +424,138 @@ class MegatronTargetRunner:
         tokens, positions_offset = tokens.to(self.device), positions_offset.to(self.device)
         offsets, visible = offsets.to(self.device), visible.to(self.device)
         self._agree("forward", tokens, positions_offset, offsets, visible)
+        self._tell(_FORWARD, tokens, positions_offset, offsets, visible)
         mask = self.cache.attend(offsets, visible)
         return self._run(tokens, self.lengths.unsqueeze(1) + positions_offset, mask, with_logits=with_logits)
 
     def commit(self, keep: torch.Tensor, num_keep: torch.Tensor) -> None:
         keep, num_keep = keep.to(self.device), num_keep.to(self.device)
         self._agree("commit", keep, num_keep, defer=True)
+        self._tell(_COMMIT, keep, num_keep, now=False)
         self.cache.commit(keep, num_keep)
 
     def drop_rows(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.device)
         self._agree("drop_rows", rows)
+        self._tell(_DROP, rows, now=False)
         self.cache.drop_rows(rows)
 
     def release(self) -> None:
         self.cache.keys.clear()
         self.cache.values.clear()
         self.cache.num_rows = 0
+        self._outbox = []
+
+
+# ---- pipeline parallelism: the last stage decodes, the others follow -----------------------------
+@torch.no_grad()
+def follow_last_stage(runner_factory, channel: PipeChannel) -> Any:
+    """A non-last pipeline stage's part of one generation: build a runner when the lead prefills,
+    run every forward / commit / drop it announces (stage-to-stage activations flow as in the
+    lead's forward), and return the object the lead's last message carries (``PipelineGenerator``:
+    the rollouts, or the lead's error as a string)."""
+    runner = None
+    try:
+        while True:
+            for code, args in channel.recv():
+                if code == _PREFILL:
+                    if runner is not None:
+                        runner.release()
+                    max_batch, max_len = args[2].tolist()
+                    runner = runner_factory(max_batch, max_len)
+                    runner._prefill(args[0], args[1])
+                elif code == _FORWARD:
+                    runner.forward_block(*args, with_logits=False)
+                elif code == _COMMIT:
+                    runner.commit(*args)
+                elif code == _DROP:
+                    runner.drop_rows(*args)
+                elif code == _FINISH:
+                    return channel.tensor_object(args[0])
+                else:
+                    raise RuntimeError(f"unknown pipeline message {code}")
+    finally:
+        if runner is not None:
+            runner.release()
+
+
+class _LeadFailed(str):
+    """What followers receive when the lead's generation raised."""
+
+
+class PipelineGenerator:
+    """``generate(prompts, params, generator) -> Rollouts`` on every rank of a pipeline (PP > 1).
+
+    The last stage runs ``generator`` (the ordinary Generator: draft, sampling, acceptance walk,
+    features) over MegatronTargetRunners that announce their calls; the other stages pass
+    ``generator=None`` and replay those calls (``follow_last_stage``). The lead's last message
+    carries its rollouts without the features, so every stage returns the same token ids, log-probs,
+    finish reasons and step stats (features exist on the last stage only); if the lead raised,
+    the followers raise too instead of waiting for a forward that never comes."""
+
+    def __init__(self, generator, runner_factory, device: torch.device):
+        self.generator = generator
+        self.runner_factory = runner_factory
+        self.channel = PipeChannel(device)
+        if self.channel.lead != (generator is not None):
+            raise ValueError("the last pipeline stage runs the Generator; the other stages pass None")
+
+    @property
+    def capture_features(self) -> bool:
+        return bool(self.generator is not None and self.generator.capture_features)
+
+    def generate(self, prompts: list[list[int]], params, generator: torch.Generator | None = None) -> Rollouts:
+        if self.generator is None:
+            out = follow_last_stage(self.runner_factory, self.channel)
+            if isinstance(out, _LeadFailed):
+                raise RuntimeError(f"the last pipeline stage failed during generation: {out}")
+            return out
+        try:
+            rollouts = self.generator.generate(prompts, params, generator)
+        except BaseException as e:
+            with contextlib.suppress(Exception):  # tell the followers; the original error wins
+                self.channel.share(_LeadFailed(f"{type(e).__name__}: {e}"))
+            raise
+        self.channel.share(dataclasses.replace(rollouts, features=None))
+        return rollouts
+
+
+class LastStagePlacement(RolloutPlacement):
+    """The draft on the last pipeline stage (PolicyBackend.rollout_placement, megatron with PP > 1).
+
+    Lead ranks: the last stage's TP ranks of every data-parallel replica. Their draft gradients and
+    the concurrency signal are reduced over megatron's data-parallel group (the same TP rank of the
+    last stage in every replica). The TP ranks of one last stage hold bit-identical features (the
+    final hidden state is broadcast from the TP source rank), so each trains its own draft replica
+    identically: no broadcast of draft weights, the same replicated work as the draft's proposals."""
+
+    def __init__(self, backend):
+        from megatron.core import parallel_state as ps
+
+        self.backend = backend
+        self.device = backend.device
+        self.lead = ps.is_pipeline_last_stage()
+        self.group = ps.get_data_parallel_group() if self.lead else None
+        self.channel = PipeChannel(self.device)
+        self._rank0_source = ps.get_pipeline_model_parallel_last_rank()  # on rank 0: its pipeline's lead
+        # This lead sends to rank 0 when rank 0 is the first stage of its pipeline.
+        self._sends_to_rank0 = self.lead and ps.get_pipeline_model_parallel_first_rank() == 0
+
+    def generator(self, generator):
+        return PipelineGenerator(generator, self.backend.target_runner, self.device)
+
+    def from_lead(self, obj):
+        return self.channel.share(obj)
+
+    def to_rank0(self, obj):
+        if self._sends_to_rank0:
+            t = PipeChannel.object_tensor(obj).to(self.device)
+            dist.send(torch.tensor([t.numel()], dtype=torch.long, device=self.device), dst=0)
+            dist.send(t, dst=0)
+        elif dist.get_rank() == 0:
+            n = torch.empty(1, dtype=torch.long, device=self.device)
+            dist.recv(n, src=self._rank0_source)
+            t = torch.empty(int(n), dtype=torch.uint8, device=self.device)
+            dist.recv(t, src=self._rank0_source)
+            return PipeChannel.tensor_object(t)
+        return obj

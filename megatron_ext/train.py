@@ -355,28 +355,47 @@ class MegatronPolicy:
 
     # ---- whole LM heads for a draft ----------------------------------------------------------
     @torch.no_grad()
-    def gather_heads(self) -> tuple[Tensor, Tensor]:
+    def gather_heads(self, last_stage_only: bool = False) -> tuple[Tensor, Tensor] | None:
         """Collective: the full (unpadded) input embedding and LM head weights [V, H] on every rank
-        (gathered over TP on the stage that holds them, broadcast over the pipeline)."""
+        (gathered over TP on the stage that holds them, broadcast over the pipeline).
+        ``last_stage_only``: on the last pipeline stage only (where the draft lives); the others
+        get None. A tied model's last stage holds the embedding itself (``output_layer.weight``);
+        an untied one's first stage sends its gathered embedding to the last stage point-to-point."""
         ps, arch = self.ps, self.arch
+        pp = self.layout.pp_size > 1
+        last = ps.get_pipeline_model_parallel_last_rank()
 
-        def whole(weight: Tensor | None, holder: bool, src: int) -> Tensor:
+        def whole(weight: Tensor | None, holder: bool, src: int) -> Tensor | None:
+            wanted = not last_stage_only or self.layout.post_process
+            if not (holder or wanted):
+                return None
             full = torch.empty(self.layout.padded_vocab_size, arch.hidden_size, dtype=self.dtype, device=self.device)
             if holder:  # TP chunks are contiguous row blocks of the padded [V_pad, H]
                 parts = list(full.chunk(self.layout.tp_size))
                 dist.all_gather(parts, weight.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-            if self.layout.pp_size > 1:
+            if pp and not last_stage_only:
                 dist.broadcast(full, src=src, group=ps.get_pipeline_model_parallel_group())
+            elif pp and src != last:  # the first stage's embedding, to the last stage only
+                if holder:
+                    dist.send(full, dst=last)
+                    return None
+                dist.recv(full, src=src)
             return full[: arch.vocab_size].clone()
 
         model = self.gpt_model
+        first = ps.get_pipeline_model_parallel_first_rank()
+        if arch.tied_embeddings and last_stage_only:
+            # The last stage's copy of the tied embedding (megatron keeps the two copies in sync).
+            head = whole(model.shared_embedding_or_output_weight() if self.layout.post_process else None,
+                         self.layout.post_process, last)
+            return None if head is None else (head, head)
         emb = whole(model.embedding.word_embeddings.weight if self.layout.pre_process else None,
-                    self.layout.pre_process, ps.get_pipeline_model_parallel_first_rank())
+                    self.layout.pre_process, first)
         if arch.tied_embeddings:
             return emb, emb
         head = whole(model.output_layer.weight if self.layout.post_process else None,
-                     self.layout.post_process, ps.get_pipeline_model_parallel_last_rank())
-        return emb, head
+                     self.layout.post_process, last)
+        return None if head is None else (emb, head)
 
 
 def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:

@@ -83,6 +83,7 @@ def _worker(rank: int, world: int, port: int, ref_dir: str, out_dir: str) -> Non
     from megatron.core import parallel_state as ps
 
     from fastgrpo.backends import build_backend
+    from megatron_ext.inference import PipeChannel, follow_last_stage
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -112,10 +113,22 @@ def _worker(rank: int, world: int, port: int, ref_dir: str, out_dir: str) -> Non
             be.load_shards(ckpt / "shards")
             out["m2_resumed"], out["w2_resumed"] = be.train_step(mine(b2)), be.engine.gather_hf()
             out["sft"], out["w3"] = be.sft_step(mine(sft), lr=SFT_LR), be.engine.gather_hf()
-            emb, head = be.draft_heads()
-            out["heads"] = (emb.weight.clone(), head.weight.clone())
+            # Under PP the draft (and its head replicas) lives on the last stage: rank 0 gets them
+            # from there, as the trainer's checkpoint does.
+            place = be.rollout_placement()
+            heads = be.draft_heads()
+            out["heads"] = place.to_rank0(heads and tuple(h.weight.clone() for h in heads))
             with be.generation_mode():  # the speculative target runner over the trained stage
-                out["prefill"], _ = be.target_runner(len(PROMPTS), 16).prefill(PROMPTS)
+                if place.lead:
+                    runner = be.target_runner(len(PROMPTS), 16)
+                    logits, _ = runner.prefill(PROMPTS)
+                    runner.release()
+                    if pp > 1:
+                        PipeChannel(be.device).share(None)  # release the stages that follow
+                else:
+                    follow_last_stage(be.target_runner, PipeChannel(be.device))
+                    logits = None
+                out["prefill"] = place.to_rank0(logits)
             if rank == 0:
                 torch.save(out, f"{out_dir}/{name}.pt")
             dist.barrier()
@@ -216,7 +229,8 @@ def test_megatron_is_a_registered_backend():
 @pytest.mark.slow
 def test_fastgrpo_train_backend_megatron_under_torchrun(tmp_path):
     """The real CLI: 2 ranks as TP=2, SFT warm-up, speculative rollouts through the Megatron target
-    runner with the online draft on the backend's head replicas, GRPO steps, checkpoints."""
+    runner with the online draft on the backend's head replicas, GRPO steps, checkpoints. (PP=2 with
+    the draft on the last stage: tests/test_megatron_pp_draft.py.)"""
     import json
     import os
     import subprocess

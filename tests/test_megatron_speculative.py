@@ -7,6 +7,8 @@ tree and fastgrpo speculative generation with an EAGLE draft is token-for-token 
 model at temperature 0; at temperature 1 (and top-p 0.9) the joint distribution of three tokens
 passes the chi-square test against the exact one, which rejects an argmax-matching verifier; every
 rank emits identical rollouts, and ranks seeded differently are stopped by the agreement check.
+Under PP the last stage runs the generator and the other stages follow it (PipelineGenerator); the
+runner parity is checked on the last stage while the first follows.
 
 ``python tests/test_megatron_speculative.py bench`` times a decode step, PP=2 against TP=1.
 """
@@ -130,20 +132,32 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from megatron.core import parallel_state as ps
 
     from fastgrpo.draft.eagle import EagleDraft
-    from megatron_ext.inference import MegatronTargetRunner
+    from megatron_ext.inference import MegatronTargetRunner, PipeChannel, PipelineGenerator, follow_last_stage
 
     try:
         hf = make_tiny_qwen2(vocab=VOCAB, seed=SEED)
         drafts = {"identity": EagleDraft(hf), "bad": bad_draft(hf)}
+        cpu = torch.device("cpu")
         for tp, pp in SPAWNS[world]:
             model, arch = _build(hf, tp, pp)
+            lead = ps.is_pipeline_last_stage()
 
             def factory(b, max_len, model=model, arch=arch):
                 return MegatronTargetRunner.from_model(model, arch, b, max_len)
 
-            out = {"parity": _parity(factory, hf), "greedy": {}, "times": {}}
+            def spec(*args, pp=pp, lead=lead, factory=factory, **kwargs):
+                gen = _spec_generator(factory, *args, **kwargs) if lead else None
+                return PipelineGenerator(gen, factory, cpu) if pp > 1 else gen
+
+            out = {"parity": None, "greedy": {}, "times": {}}
+            if lead:
+                out["parity"] = _parity(factory, hf)
+                if pp > 1:
+                    PipeChannel(cpu).share(None)  # the runner calls are over: release the followers
+            else:
+                follow_last_stage(factory, PipeChannel(cpu))
             for mode, draft in (("static", "bad"), ("fastgrpo", "identity")):
-                gen = _spec_generator(factory, drafts[draft], mode)
+                gen = spec(drafts[draft], mode)
                 ro = gen.generate(PROMPTS, GREEDY)
                 out["greedy"][mode] = (ro.response_ids, [lp.tolist() for lp in ro.logprobs],
                                        max(s.n_verify for s in ro.steps))
@@ -151,14 +165,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             for name, (mode, draft, params, biased) in LOSSLESS.items():
                 if world > 2 and name != "static-bad-t1":  # 4 ranks on 2 cores: one case
                     continue
-                gen = _spec_generator(factory, drafts[draft], mode, c_peak=8 * LOSSLESS_ROWS,
-                                      verifier=biased_argmax_verifier if biased else None)
+                gen = spec(drafts[draft], mode, c_peak=8 * LOSSLESS_ROWS,
+                           verifier=biased_argmax_verifier if biased else None)
                 t0 = time.perf_counter()
                 ro = gen.generate([LOSSLESS_PROMPT] * LOSSLESS_ROWS, params, torch.Generator().manual_seed(11))
                 out["lossless"][name] = (ro.response_ids, ro.mean_accepted_len, ro.steps[0].n_verify,
                                          time.perf_counter() - t0)
-            if (tp, pp) == (2, 1):  # a rank whose sampling stream differs is caught, on every rank, not hung
-                gen = _spec_generator(factory, drafts["identity"])
+            if tp == 2:  # a rank whose sampling stream differs is caught, on every rank, not hung
+                gen = spec(drafts["identity"])
                 try:
                     gen.generate(PROMPTS, SamplingParams(max_new_tokens=20), torch.Generator().manual_seed(rank))
                     out["diverged"] = "no error"
@@ -198,6 +212,9 @@ def hf_model():
 def test_runner_logits_and_hidden_equal_hf_runner(results, tp, pp):
     for rank, res in enumerate(results(tp, pp)):
         diffs = res["parity"]
+        if diffs is None:  # a stage before the last: it followed the last stage's calls
+            assert pp > 1 and rank < tp * (pp - 1)
+            continue
         print(f"tp{tp}pp{pp} rank {rank}: max |megatron - HF| {diffs}")
         assert diffs["logits"] <= TOL["atol"] and diffs["hidden"] <= TOL["atol"], diffs
 
@@ -234,9 +251,12 @@ def test_speculative_sampling_is_lossless(results, hf_model, tp, pp, name):
 
 
 @pytest.mark.slow
-def test_ranks_with_different_sampling_seeds_are_stopped(results):
-    for res in results(2, 1):
+@pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)], ids=["tp2", "tp2pp2"])
+def test_ranks_with_different_sampling_seeds_are_stopped(results, tp, pp):
+    for rank, res in enumerate(results(tp, pp)):
         assert "model-parallel ranks disagree" in res["diverged"]
+        if rank < tp * (pp - 1):  # a first-stage rank: its last stage's error reached it
+            assert "the last pipeline stage failed during generation" in res["diverged"]
 
 
 # ------------------------------------------------------------------ decode-step cost (not a test)
@@ -248,13 +268,17 @@ def _bench_worker(rank: int, world: int, port: int, tp: int, pp: int, rows: int,
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.inference import MegatronTargetRunner
+    from megatron_ext.inference import MegatronTargetRunner, PipeChannel, follow_last_stage
 
     try:
         hf = make_tiny_qwen2(vocab=VOCAB, seed=SEED)
         model, arch = _build(hf, tp, pp)
         res = {}
         for t in (1, 8):  # an AR step and an 8-node chain
+            if not ps.is_pipeline_last_stage():  # the stages before the last follow its calls
+                follow_last_stage(lambda b, n: MegatronTargetRunner.from_model(model, arch, b, n, check), PipeChannel(
+                    torch.device("cpu")))
+                continue
             runner = MegatronTargetRunner.from_model(model, arch, rows, 16 + (repeats + 5) * t, check_agreement=check)
             runner.prefill([[1, 2, 3, 4, 5, 6, 7, 8]] * rows)
             tokens = torch.arange(t).expand(rows, t) % VOCAB
@@ -263,15 +287,18 @@ def _bench_worker(rank: int, world: int, port: int, tp: int, pp: int, rows: int,
             keep, n_keep = torch.arange(t).expand(rows, t), torch.full((rows,), t)
             times = []
             for i in range(repeats + 3):
-                dist.barrier()
+                if pp == 1:
+                    dist.barrier()
                 t0 = time.perf_counter()
                 runner.forward(tokens, depths, mask)
                 runner.commit(keep, n_keep)
                 if i >= 3:
                     times.append(time.perf_counter() - t0)
             runner.release()
+            if pp > 1:
+                PipeChannel(torch.device("cpu")).share(None)
             res[t] = sorted(times)[len(times) // 2]
-        if rank == 0:
+        if rank == world - 1:
             torch.save(res, out)
         ps.destroy_model_parallel()
         dist.barrier()

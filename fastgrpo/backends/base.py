@@ -70,6 +70,34 @@ def build_policy_batch(prompts: list[list[int]], responses: list[list[int]], pad
     return PolicyBatch(ids, attn, loss, advantages)
 
 
+class RolloutPlacement:
+    """Which ranks decode and hold the online draft, and how their results reach the others.
+
+    The default (every backend and layout but megatron with pipeline parallelism): every rank is a
+    *lead*: it runs the Generator (draft, sampling, acceptance walk, feature capture) and holds and
+    trains a draft replica, whose gradients are summed over the default group. Megatron with PP > 1
+    (megatron_ext.inference.LastStagePlacement) makes the last stage the only lead."""
+
+    lead: bool = True
+    # The lead ranks' process group the draft's gradients and the concurrency signal are reduced
+    # over (None: the default group).
+    group: Any = None
+
+    def generator(self, generator):
+        """What the trainer calls ``generate`` on: ``generator`` (built on lead ranks only, None
+        elsewhere) or a wrapper that lets the other ranks take part and get the same rollouts."""
+        return generator
+
+    def from_lead(self, obj):
+        """The lead's ``obj`` on every rank of its model-parallel group (collective)."""
+        return obj
+
+    def to_rank0(self, obj):
+        """A lead's ``obj`` on global rank 0, which writes the checkpoint (collective; other ranks
+        get their own ``obj`` back)."""
+        return obj
+
+
 class PolicyBackend(ABC):
     """See DESIGN.md section 2. Implementations: ``torch`` (one process or DDP), ``deepspeed``,
     ``megatron``."""
@@ -107,10 +135,15 @@ class PolicyBackend(ABC):
         """Cost of the latest switch into the inference layout (e.g. ZeRO-3 gather seconds)."""
         return {}
 
-    def draft_heads(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+    def draft_heads(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:
         """(input embedding, LM head), whole on this rank, for a draft that shares them with the
-        target. Backends that shard them return replicas, refreshed on each generation_mode entry."""
+        target. Backends that shard them return replicas, refreshed on each generation_mode entry.
+        Collective; None on ranks that hold no draft (``rollout_placement().lead`` False)."""
         return self.model.get_input_embeddings(), self.model.get_output_embeddings()
+
+    def rollout_placement(self) -> RolloutPlacement:
+        """Where the Generator and the online draft run (default: every rank)."""
+        return RolloutPlacement()
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:

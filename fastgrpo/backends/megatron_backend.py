@@ -68,6 +68,8 @@ class MegatronBackend(PolicyBackend):
         self.scheduler = build_scheduler(self._lr_holder, optim, total_steps)
         self._lr_override: float | None = None
         self._heads: tuple[torch.nn.Module, torch.nn.Module] | None = None
+        self._heads_wanted = False  # draft_heads() was called: generation_mode refreshes them
+        self._placement = None
         if algo.kl_beta != 0:
             self.reset_reference()
 
@@ -225,11 +227,30 @@ class MegatronBackend(PolicyBackend):
         self.restore_lr()
 
     # ---- generation ------------------------------------------------------------------------
-    def draft_heads(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """Whole (unsharded) replicas of the input embedding and LM head on every rank, refreshed
-        on each generation_mode entry (collective)."""
-        if self._heads is None:
-            emb_w, head_w = self.engine.gather_heads()
+    @property
+    def _last_stage_draft(self) -> bool:
+        return self.engine.layout.pp_size > 1
+
+    def rollout_placement(self):
+        """PP = 1: every rank decodes and holds a draft replica, as with the other backends. PP > 1:
+        the last stage does, the other stages follow it (megatron_ext.inference.LastStagePlacement)."""
+        if not self._last_stage_draft:
+            return super().rollout_placement()
+        if self._placement is None:
+            from megatron_ext.inference import LastStagePlacement
+
+            self._placement = LastStagePlacement(self)
+        return self._placement
+
+    def draft_heads(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+        """Whole (unsharded) replicas of the input embedding and LM head on every rank (PP > 1: on
+        the last stage only, None elsewhere), refreshed on each generation_mode entry (collective)."""
+        if not self._heads_wanted:
+            self._heads_wanted = True
+            weights = self.engine.gather_heads(last_stage_only=self._last_stage_draft)
+            if weights is None:
+                return None
+            emb_w, head_w = weights
             emb = torch.nn.Embedding(*emb_w.shape, device=emb_w.device, dtype=emb_w.dtype).requires_grad_(False)
             head = torch.nn.Linear(head_w.shape[1], head_w.shape[0], bias=False, device=head_w.device,
                                    dtype=head_w.dtype).requires_grad_(False)
@@ -241,9 +262,13 @@ class MegatronBackend(PolicyBackend):
 
     @torch.no_grad()
     def _refresh_heads(self, weights=None) -> None:
-        if self._heads is None:
+        if not self._heads_wanted:
             return
-        emb_w, head_w = weights if weights is not None else self.engine.gather_heads()
+        if weights is None:
+            weights = self.engine.gather_heads(last_stage_only=self._last_stage_draft)
+        if self._heads is None:  # a stage without the draft (it may have sent its embedding)
+            return
+        emb_w, head_w = weights
         self._heads[0].weight.copy_(emb_w)
         self._heads[1].weight.copy_(head_w)
 

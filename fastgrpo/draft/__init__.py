@@ -43,7 +43,7 @@ def load_draft_weights(draft: EagleDraft, path: Path) -> None:
     draft.load_state_dict(state)
 
 
-def build_draft_components(cfg: DraftConfig, target: torch.nn.Module, tokenizer=None, heads=None):
+def build_draft_components(cfg: DraftConfig, target: torch.nn.Module, tokenizer=None, heads=None, group=None):
     """-> (draft module, proposer factory ``(max_batch, max_len, tree_slots) -> proposer``, online
     learner or None when ``cfg.online`` is off) for ``cfg.kind``:
 
@@ -52,15 +52,16 @@ def build_draft_components(cfg: DraftConfig, target: torch.nn.Module, tokenizer=
       LMDraftLearner, online distillation; see fastgrpo.draft.lm.build_lm_draft for where the
       model comes from).
     The draft module is what checkpoints save (``state_dict``/``load_state_dict``). ``heads``:
-    the (input embedding, LM head) the draft uses in place of the target's (PolicyBackend.draft_heads)."""
+    the (input embedding, LM head) the draft uses in place of the target's (PolicyBackend.draft_heads);
+    ``group``: the process group the learner sums the draft's gradients over (None: all ranks)."""
     if cfg.kind not in DRAFT_KINDS:
         raise ValueError(f"draft.kind={cfg.kind!r}: choose one of {DRAFT_KINDS}")
     if cfg.kind == "eagle":
         from fastgrpo.draft.proposer import EagleProposer
 
         draft = build_draft(cfg, target, heads)
-        learner = (DraftLearner(draft, lr=cfg.lr, weight_decay=cfg.weight_decay, token_budget=cfg.token_budget)
-                   if cfg.online else None)
+        learner = (DraftLearner(draft, lr=cfg.lr, weight_decay=cfg.weight_decay, token_budget=cfg.token_budget,
+                                group=group) if cfg.online else None)
         return draft, (lambda b, max_len, slots: EagleProposer(draft, b, max_len, slots)), learner
     from fastgrpo.draft.lm import LMDraftLearner, LMProposer, build_lm_draft
 
@@ -68,7 +69,7 @@ def build_draft_components(cfg: DraftConfig, target: torch.nn.Module, tokenizer=
     lm = build_lm_draft(cfg, target, tokenizer, heads=(embed, head))
     vocab = head.weight.shape[0]
     learner = (LMDraftLearner(lm, head, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                              token_budget=cfg.token_budget) if cfg.online else None)
+                              token_budget=cfg.token_budget, group=group) if cfg.online else None)
     return lm, (lambda b, max_len, slots: LMProposer(lm, b, max_len, slots, vocab_size=vocab)), learner
 
 

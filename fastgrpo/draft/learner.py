@@ -62,14 +62,14 @@ def draft_loss(draft: EagleDraft, hidden: torch.Tensor, tokens: torch.Tensor, lo
     return loss, sums
 
 
-def apply_draft_gradients(draft: torch.nn.Module, optimizer, grad_clip: float) -> float:
-    """Sum gradients over ranks (the draft stays identical everywhere), clip, step (skipped when
-    the norm is not finite), zero. Returns the gradient norm."""
+def apply_draft_gradients(draft: torch.nn.Module, optimizer, grad_clip: float, group=None) -> float:
+    """Sum gradients over the ranks of ``group`` (default: all; the draft stays identical on
+    them), clip, step (skipped when the norm is not finite), zero. Returns the gradient norm."""
     if dist_utils.is_initialized():
         for q in draft.parameters():
             if q.grad is None:
                 q.grad = torch.zeros_like(q)
-            torch.distributed.all_reduce(q.grad)
+            torch.distributed.all_reduce(q.grad, group=group)
     norm = float(torch.nn.utils.clip_grad_norm_(draft.parameters(), grad_clip))
     if math.isfinite(norm):
         optimizer.step()
@@ -112,14 +112,16 @@ def check_draft_state(own: dict, state: dict, where: str, ignore: frozenset = fr
 class OnlineDraftLearner:
     """What every online draft learner shares: one AdamW step per ``update`` on all sequences,
     gradient accumulation over micro-batches of at most ``token_budget`` padded tokens, a loss
-    normalised by the global token count, gradients summed over ranks. Subclasses define how a
+    normalised by the global token count, gradients summed over ranks (``group``: the ranks that
+    hold a draft, default all; PolicyBackend.rollout_placement). Subclasses define how a
     micro-batch is collated, how many loss tokens it has, its loss, and the metric names."""
 
     metric_names: ClassVar[dict[str, str]] = {}  # sums key -> metric name (divided by the token count)
 
     def __init__(self, draft: torch.nn.Module, lr: float = 1e-4, weight_decay: float = 0.0,
-                 token_budget: int = 4096, grad_clip: float = 1.0):
+                 token_budget: int = 4096, grad_clip: float = 1.0, group=None):
         self.draft = draft
+        self.group = group
         self.optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=lr,
                                            weight_decay=weight_decay)
         self.token_budget, self.grad_clip = token_budget, grad_clip
@@ -155,8 +157,9 @@ class OnlineDraftLearner:
         p = next(self.draft.parameters())
         self.draft.train()
         batches = [self._collate_batch(mb, p.device, p.dtype) for mb in self._micro_batches(seqs)] if seqs else []
-        total = float(dist_utils.all_reduce_sum(
-            torch.tensor(float(sum(self._loss_tokens(b) for b in batches)), dtype=torch.float64)))
+        tokens = torch.tensor(float(sum(self._loss_tokens(b) for b in batches)), dtype=torch.float64,
+                              device=p.device if self.group is not None else None)
+        total = float(dist_utils.all_reduce_sum(tokens, group=self.group))
         sums = {k: 0.0 for k in (*self.metric_names, "top1", "tokens")}
         loss_sum = 0.0
         for batch in batches:
@@ -167,7 +170,7 @@ class OnlineDraftLearner:
             loss_sum += loss.item()
             for k in sums:
                 sums[k] += s[k]
-        norm = apply_draft_gradients(self.draft, self.optimizer, self.grad_clip)
+        norm = apply_draft_gradients(self.draft, self.optimizer, self.grad_clip, self.group)
         n = max(sums["tokens"], 1.0)
         return {"draft/loss": loss_sum, **{name: sums[k] / n for k, name in self.metric_names.items()},
                 "draft/top1_agreement": sums["top1"] / n, "draft/tokens": sums["tokens"], "draft/grad_norm": norm}
@@ -186,8 +189,8 @@ class DraftLearner(OnlineDraftLearner):
     metric_names: ClassVar[dict[str, str]] = {"l1": "draft/smooth_l1", "ce": "draft/ce"}
 
     def __init__(self, draft: EagleDraft, lr: float = 1e-4, weight_decay: float = 0.0, token_budget: int = 4096,
-                 grad_clip: float = 1.0, w_hidden: float = 2.0, w_ce: float = 0.1):
-        super().__init__(draft, lr, weight_decay, token_budget, grad_clip)
+                 grad_clip: float = 1.0, w_hidden: float = 2.0, w_ce: float = 0.1, group=None):
+        super().__init__(draft, lr, weight_decay, token_budget, grad_clip, group)
         self.w_hidden, self.w_ce = w_hidden, w_ce
 
     def _collate_batch(self, seqs, device, dtype):

@@ -224,8 +224,8 @@ class LMDraftLearner(OnlineDraftLearner):
     metric_names: ClassVar[dict[str, str]] = {"ce": "draft/ce", "kl": "draft/kl"}
 
     def __init__(self, draft_model: torch.nn.Module, target_lm_head: torch.nn.Module, lr: float = 1e-4,
-                 token_budget: int = 4096, weight_decay: float = 0.0, grad_clip: float = 1.0):
-        super().__init__(draft_model, lr, weight_decay, token_budget, grad_clip)
+                 token_budget: int = 4096, weight_decay: float = 0.0, grad_clip: float = 1.0, group=None):
+        super().__init__(draft_model, lr, weight_decay, token_budget, grad_clip, group)
         # A tuple keeps the target's head out of any module registration / state dict.
         self._frozen = (target_lm_head,)
 

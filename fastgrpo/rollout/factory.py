@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from fastgrpo.config import RolloutConfig
+from fastgrpo.config import DraftConfig, RolloutConfig
 from fastgrpo.rollout.budget import BudgetController, BudgetParams
 from fastgrpo.rollout.generator import Generator, RunnerFactory
 
 SPECULATIVE_MODES = ("fastgrpo", "static")
 
 
-def budget_controller(cfg: RolloutConfig, c_peak: int | None) -> BudgetController:
+def budget_controller(cfg: RolloutConfig, c_peak: int | None, group=None) -> BudgetController:
     if cfg.mode == "static":
         return BudgetController.static(cfg.static_tokens, cfg.static_topk, cfg.static_depth)
     params = BudgetParams(c_peak=int(c_peak), n_max=cfg.n_max, k_max=cfg.k_max, l_min=cfg.l_min,
                           l_max=cfg.l_max, alpha=cfg.alpha)
-    return BudgetController(params, mode=cfg.concurrency_aggregate)
+    return BudgetController(params, mode=cfg.concurrency_aggregate, group=group)
 
 
 def build_generator(cfg: RolloutConfig, runner_factory: RunnerFactory, draft: torch.nn.Module | None = None,
-                    c_peak: int | None = None, proposer_factory: Callable | None = None) -> Generator:
+                    c_peak: int | None = None, proposer_factory: Callable | None = None, group=None) -> Generator:
+    """``group``: the data-parallel group of the ranks that run the Generator, over which the
+    concurrency signal is aggregated (None: the default group; PolicyBackend.rollout_placement)."""
     if cfg.mode == "ar":
         return Generator(runner_factory, "ar")
     if cfg.mode not in SPECULATIVE_MODES:
@@ -33,7 +37,7 @@ def build_generator(cfg: RolloutConfig, runner_factory: RunnerFactory, draft: to
         if draft is None:
             raise ValueError(f"rollout.mode={cfg.mode} needs a draft model")
         proposer_factory = lambda b, max_len, slots: EagleProposer(draft, b, max_len, slots)
-    ctrl = budget_controller(cfg, c_peak)
+    ctrl = budget_controller(cfg, c_peak, group)
     if cfg.mode == "static":
         max_verify, slots = cfg.static_tokens, cfg.static_topk * cfg.static_depth
     else:
@@ -42,3 +46,37 @@ def build_generator(cfg: RolloutConfig, runner_factory: RunnerFactory, draft: to
                     max_verify=max_verify, draft_slots=slots, controller=ctrl)
     gen.budget_controller = ctrl
     return gen
+
+
+@dataclass
+class RolloutComponents:
+    placement: Any  # fastgrpo.backends.base.RolloutPlacement
+    draft: torch.nn.Module | None  # None on ranks that hold no draft (and in mode ar)
+    learner: Any  # the online draft learner, or None
+    generator: Any  # what to call generate(prompts, params, rng) on: every rank has one
+
+
+def build_rollout_components(cfg: RolloutConfig, draft_cfg: DraftConfig, backend, model, tokenizer,
+                             c_peak_fn: Callable[[], int] | None = None) -> RolloutComponents:
+    """The trainer's rollout side, placed as ``backend.rollout_placement()`` says: the draft (with
+    the backend's head replicas), its online learner (gradients summed over the placement's group)
+    and the Generator on lead ranks only; every rank gets the placement's generator. Collective.
+    ``c_peak_fn() -> int`` resolves C_peak for mode fastgrpo (a collective on every rank); it runs
+    after the draft is built, as the draft's initialisation draws from torch's global RNG."""
+    from fastgrpo.draft import build_draft_components
+
+    placement = backend.rollout_placement()
+    draft = learner = proposer_factory = c_peak = None
+    if cfg.mode != "ar":
+        heads = backend.draft_heads()  # collective
+        if placement.lead:
+            draft, proposer_factory, learner = build_draft_components(draft_cfg, model, tokenizer, heads=heads,
+                                                                      group=placement.group)
+        if cfg.mode == "fastgrpo":
+            c_peak = cfg.c_peak if c_peak_fn is None else c_peak_fn()
+    generator = None
+    if placement.lead:
+        generator = build_generator(cfg, backend.target_runner, draft, c_peak, proposer_factory=proposer_factory,
+                                    group=placement.group)
+        generator.capture_features = learner is not None
+    return RolloutComponents(placement, draft, learner, placement.generator(generator))
