@@ -21,9 +21,7 @@ from fastgrpo.checkpoint import (
     POLICY_DIR,
     SHARDS_DIR,
     CheckpointManager,
-    capture_rng_state,
     resolve_resume,
-    restore_rng_state,
 )
 from fastgrpo.config import FastGRPOConfig
 from fastgrpo.data import PromptLoader, build_datasets
@@ -33,6 +31,7 @@ from fastgrpo.models import is_preset, load_policy, model_fingerprint
 from fastgrpo.plots import plot_training_curves
 from fastgrpo.progress import StepProgress
 from fastgrpo.rewards import RewardScorer, get_reward_fn
+from fastgrpo.rng_state import capture_rng_state, restore_rng_state
 from fastgrpo.rollout import SamplingParams
 from fastgrpo.rollout.factory import build_rollout_components
 from fastgrpo.tracking import Tracker, flatten_config

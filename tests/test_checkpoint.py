@@ -17,13 +17,12 @@ from fastgrpo.checkpoint import (
     STATE_FILE,
     CheckpointError,
     CheckpointManager,
-    capture_rng_state,
     check_weights_only_safe,
     model_fingerprint,
     read_meta,
     resolve_resume,
-    restore_rng_state,
 )
+from fastgrpo.rng_state import capture_rng_state, restore_rng_state
 
 FP = {"model_type": "qwen2", "hidden_size": 32, "vocab_size": 64}
 
