@@ -83,7 +83,7 @@ def _worker(rank: int, world: int, port: int, ref_dir: str, out_dir: str) -> Non
     from megatron.core import parallel_state as ps
 
     from fastgrpo.backends import build_backend
-    from megatron_ext.inference import PipeChannel, follow_last_stage
+    from megatron_ext.pipeline_rollouts import PipeChannel, follow_last_stage
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -92,7 +92,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         from fastgrpo.config import AlgoConfig, DraftConfig, MegatronConfig, OptimConfig, RolloutConfig
         from fastgrpo.draft import sequences_from_rollouts
         from fastgrpo.rollout.factory import build_rollout_components
-        from megatron_ext import inference
+        from megatron_ext import pipeline_rollouts
 
         hf = make_tiny_qwen2(vocab=VOCAB, seed=SEED)
         be = build_backend("megatron", model=hf, tokenizer=None, algo=AlgoConfig(kl_beta=0.0), optim=OptimConfig(),
@@ -104,18 +104,18 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
         # (a) greedy speculative generation, recording everything this rank sends.
         logical = []
-        orig_send = inference.PipeChannel.send
+        orig_send = pipeline_rollouts.PipeChannel.send
 
         def send(self, ops):
             logical.extend((code, t.dtype, tuple(t.shape)) for code, ts in ops for t in ts)
             return orig_send(self, ops)
 
-        inference.PipeChannel.send = send
+        pipeline_rollouts.PipeChannel.send = send
         try:
             with be.generation_mode(), _Recorder(rank) as rec:
                 ro = rc.generator.generate(PROMPTS, GREEDY, torch.Generator().manual_seed(0))
         finally:
-            inference.PipeChannel.send = orig_send
+            pipeline_rollouts.PipeChannel.send = orig_send
         out["greedy"] = (ro.response_ids, [lp.tolist() for lp in ro.logprobs], ro.finish_reasons,
                          [vars(s) for s in ro.steps], ro.features is not None)
         out["sent"], out["logical"] = rec.sent, logical
@@ -268,6 +268,10 @@ def _bench_worker(rank: int, world: int, port: int, args, out: str) -> None:
         from megatron_ext.convert import load_hf_into_megatron
         from megatron_ext.model import build_gpt_model
 
+        try:  # the last-stage design (the old broadcast design, at commit 57e449c, has no such module)
+            from megatron_ext import pipeline_rollouts
+        except ImportError:
+            pipeline_rollouts = None
         hf, tok = load_policy(ModelConfig(path="tiny", preset_cache_dir=args.cache))
         ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=2)
         model_parallel_cuda_manual_seed(0, force_reset_rng=True)
@@ -278,7 +282,7 @@ def _bench_worker(rank: int, world: int, port: int, args, out: str) -> None:
         def factory(b, n):
             return inference.MegatronTargetRunner.from_model(model, arch, b, n)
 
-        new = hasattr(inference, "PipelineGenerator")
+        new = pipeline_rollouts is not None
         gen = None
         if ps.is_pipeline_last_stage() or not new:
             draft = EagleDraft(hf)
@@ -288,7 +292,7 @@ def _bench_worker(rank: int, world: int, port: int, args, out: str) -> None:
                             budget_fn=ctrl.budget, max_verify=params.n_max, draft_slots=params.k_max * params.l_max)
             gen.capture_features = True  # as with the online learner
         if new:
-            gen = inference.PipelineGenerator(gen, factory, torch.device("cpu"))
+            gen = pipeline_rollouts.PipelineGenerator(gen, factory, torch.device("cpu"))
         g = torch.Generator().manual_seed(0)
         vocab = hf.config.vocab_size
         prompts = [torch.randint(3, vocab, (int(torch.randint(8, 24, (1,), generator=g)),), generator=g).tolist()

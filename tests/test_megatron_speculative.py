@@ -132,7 +132,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from megatron.core import parallel_state as ps
 
     from fastgrpo.draft.eagle import EagleDraft
-    from megatron_ext.inference import MegatronTargetRunner, PipeChannel, PipelineGenerator, follow_last_stage
+    from megatron_ext.inference import MegatronTargetRunner
+    from megatron_ext.pipeline_rollouts import PipeChannel, PipelineGenerator, follow_last_stage
 
     try:
         hf = make_tiny_qwen2(vocab=VOCAB, seed=SEED)
@@ -268,7 +269,8 @@ def _bench_worker(rank: int, world: int, port: int, tp: int, pp: int, rows: int,
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.inference import MegatronTargetRunner, PipeChannel, follow_last_stage
+    from megatron_ext.inference import MegatronTargetRunner
+    from megatron_ext.pipeline_rollouts import PipeChannel, follow_last_stage
 
     try:
         hf = make_tiny_qwen2(vocab=VOCAB, seed=SEED)

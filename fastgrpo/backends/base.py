@@ -76,7 +76,7 @@ class RolloutPlacement:
     The default (every backend and layout but megatron with pipeline parallelism): every rank is a
     *lead*: it runs the Generator (draft, sampling, acceptance walk, feature capture) and holds and
     trains a draft replica, whose gradients are summed over the default group. Megatron with PP > 1
-    (megatron_ext.inference.LastStagePlacement) makes the last stage the only lead."""
+    (megatron_ext.pipeline_rollouts.LastStagePlacement) makes the last stage the only lead."""
 
     lead: bool = True
     # The lead ranks' process group the draft's gradients and the concurrency signal are reduced

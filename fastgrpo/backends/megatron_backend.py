@@ -233,11 +233,11 @@ class MegatronBackend(PolicyBackend):
 
     def rollout_placement(self):
         """PP = 1: every rank decodes and holds a draft replica, as with the other backends. PP > 1:
-        the last stage does, the other stages follow it (megatron_ext.inference.LastStagePlacement)."""
+        the last stage does, the other stages follow it (megatron_ext.pipeline_rollouts.LastStagePlacement)."""
         if not self._last_stage_draft:
             return super().rollout_placement()
         if self._placement is None:
-            from megatron_ext.inference import LastStagePlacement
+            from megatron_ext.pipeline_rollouts import LastStagePlacement
 
             self._placement = LastStagePlacement(self)
         return self._placement
