@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import make_tiny_qwen2
+from test_torch_backend import make_batch  # the same batch as the torch backend's tests
 
 from fastgrpo.backends import build_policy_batch
 from fastgrpo.backends.torch_backend import TorchBackend
@@ -31,15 +32,6 @@ from fastgrpo.rollout.generator import Generator
 LOSS_TOL = 1e-6
 WEIGHT_TOL = 1e-5  # 1% of one Adam step (lr 1e-3): sums in another order
 PROMPTS = [[1, 5, 7], [2, 3], [4, 9, 11, 6], [8]]
-
-
-def make_batch(n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(1, 24, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(n)]
-    responses = [torch.randint(1, 24, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
-                 for _ in range(n)]
-    return build_policy_batch(prompts, responses, 0, torch.randn(n, generator=g))
 
 
 VARIANTS = {  # parameters partitioned down to the smallest (persistence threshold 0)

@@ -21,7 +21,6 @@ import torch
 
 from fastgrpo import distributed as dist_utils
 from fastgrpo.backends.torch_backend import (
-    TREE_ATTN,
     TorchBackend,
     _read_safetensors,
     build_scheduler,
@@ -266,27 +265,16 @@ class DeepSpeedBackend(TorchBackend):
         self._heads[1].weight.copy_(head.weight)
 
     @contextlib.contextmanager
-    def generation_mode(self) -> Iterator[None]:
+    def _inference_layout(self) -> Iterator[None]:
+        if self.zero_stage < 3:  # weights are whole on every rank: nothing to copy
+            yield
+            return
         from fastgrpo.backends.zero3_generation import gathered_for_generation
 
-        model = self._model
-        model.eval()
-        switched = self.train_attn not in TREE_ATTN
-        if switched:
-            model.set_attn_implementation("sdpa")
-        try:
-            with torch.no_grad():
-                if self.zero_stage == 3:
-                    with gathered_for_generation(self.engine, self.ds_cfg.generation_gather_gb) as plan:
-                        self.last_gather = plan
-                        self._refresh_heads()  # the policy moved since the last rollouts
-                        yield
-                else:
-                    yield
-        finally:
-            if switched:
-                model.set_attn_implementation(self.train_attn)
-            model.train()
+        with gathered_for_generation(self.engine, self.ds_cfg.generation_gather_gb) as plan:
+            self.last_gather = plan
+            self._refresh_heads()  # the policy moved since the last rollouts
+            yield
 
     def generation_metrics(self) -> dict[str, float]:
         plan = self.last_gather

@@ -245,12 +245,16 @@ class TorchBackend(PolicyBackend):
         if switched:
             model.set_attn_implementation("sdpa")
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._inference_layout():
                 yield
         finally:
             if switched:
                 model.set_attn_implementation(self.train_attn)
             model.train()
+
+    def _inference_layout(self):
+        """What else generation needs besides eval + sdpa (ZeRO-3: gather the partitions)."""
+        return contextlib.nullcontext()
 
     def target_runner(self, max_batch: int, max_len: int) -> HFTargetRunner:
         return HFTargetRunner(self._model, max_batch, max_len)
