@@ -63,7 +63,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fastgrpo.rollout.hf_runner import RaggedKVCache
+from fastgrpo.rollout.hf_runner import RaggedKVCache, pad_prompts
 from megatron_ext.model import GPTArch
 from megatron_ext.pipeline_rollouts import _COMMIT, _DROP, _FORWARD, _PREFILL, PipeChannel
 
@@ -296,16 +296,7 @@ class MegatronTargetRunner:
     # ---- the TargetRunner protocol -------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        b = len(prompts)
-        if b > self.max_batch:
-            raise ValueError(f"{b} rows exceed the runner's max_batch={self.max_batch}")
-        lens = torch.tensor([len(p) for p in prompts], device=self.device)
-        width = int(lens.max())
-        if width >= self.max_len:
-            raise ValueError(f"prompt of {width} tokens does not fit max_len={self.max_len}")
-        tokens = torch.zeros(b, width, dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        tokens, lens = pad_prompts(prompts, self.max_batch, self.max_len, self.device)
         self._agree("prefill", tokens, lens)
         self._tell(_PREFILL, tokens, lens, torch.tensor([self.max_batch, self.max_len]))
         return self._prefill(tokens, lens)

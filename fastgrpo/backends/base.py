@@ -8,6 +8,7 @@ layout for rollouts (``generation_mode``, the hybrid engine).
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,6 +97,23 @@ class RolloutPlacement:
         """A lead's ``obj`` on global rank 0, which writes the checkpoint (collective; other ranks
         get their own ``obj`` back)."""
         return obj
+
+
+def run_updates(batch: PolicyBatch, n_updates: int, old: torch.Tensor | None, ref: torch.Tensor | None,
+                update) -> tuple[dict[str, float], int]:
+    """``n_updates`` optimizer steps on consecutive row slices of ``batch``: ``update(rows, old,
+    ref)`` returns its metrics with a ``nonfinite`` flag. -> (metrics averaged over the updates,
+    number of non-finite updates)."""
+    per_update = math.ceil(batch.size / n_updates)
+    totals: dict[str, float] = {}
+    skipped = 0
+    for u in range(n_updates):
+        rows = slice(u * per_update, (u + 1) * per_update)
+        m = update(batch.rows(rows), None if old is None else old[rows], None if ref is None else ref[rows])
+        skipped += int(m.pop("nonfinite"))
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0.0) + v / n_updates
+    return totals, skipped
 
 
 class PolicyBackend(ABC):

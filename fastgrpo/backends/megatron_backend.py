@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from fastgrpo.algo import grpo_loss
-from fastgrpo.backends.base import PolicyBackend, PolicyBatch
+from fastgrpo.backends.base import PolicyBackend, PolicyBatch, run_updates
 from fastgrpo.backends.torch_backend import _read_safetensors, build_scheduler, write_hf
 from fastgrpo.config import AlgoConfig, MegatronConfig, OptimConfig
 from fastgrpo.rollout.base import TargetRunner
@@ -130,16 +130,7 @@ class MegatronBackend(PolicyBackend):
         # One optimizer step per rollout batch is strictly on-policy: no old log-probs pass.
         old = self._full_logprobs(self.engine.gpt_model, batch) if n_updates > 1 else None
         ref = self._full_logprobs(None, batch) if self.engine.reference is not None else None
-        per_update = math.ceil(batch.size / n_updates)
-        totals: dict[str, float] = {}
-        skipped = 0
-        for u in range(n_updates):
-            rows = slice(u * per_update, (u + 1) * per_update)
-            m = self._update(batch.rows(rows), None if old is None else old[rows],
-                             None if ref is None else ref[rows])
-            skipped += int(m.pop("nonfinite"))
-            for k, v in m.items():
-                totals[k] = totals.get(k, 0.0) + v / n_updates
+        totals, skipped = run_updates(batch, n_updates, old, ref, self._update)
         self._lr_holder.step()  # a no-op (no gradient); keeps the scheduler's step-order check quiet
         self.scheduler.step()
         self._lr_override = None

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastgrpo import distributed as dist_utils
 from fastgrpo.algo import grpo_loss, token_logprobs
-from fastgrpo.backends.base import PolicyBackend, PolicyBatch
+from fastgrpo.backends.base import PolicyBackend, PolicyBatch, run_updates
 from fastgrpo.config import AlgoConfig, OptimConfig
 from fastgrpo.rollout.hf_runner import HFTargetRunner
 
@@ -129,16 +129,7 @@ class TorchBackend(PolicyBackend):
         # log-probs equal the current ones, so no extra forward is spent on them.
         old = self._logprobs_no_grad(self._model, batch) if n_updates > 1 else None
         ref = self._logprobs_no_grad(self.reference, batch) if self.reference is not None else None
-        per_update = math.ceil(batch.size / n_updates)
-        totals: dict[str, float] = {}
-        skipped = 0
-        for u in range(n_updates):
-            rows = slice(u * per_update, (u + 1) * per_update)
-            m = self._update(batch.rows(rows), None if old is None else old[rows],
-                             None if ref is None else ref[rows])
-            skipped += int(m.pop("nonfinite"))
-            for k, v in m.items():
-                totals[k] = totals.get(k, 0.0) + v / n_updates
+        totals, skipped = run_updates(batch, n_updates, old, ref, self._update)
         self.scheduler.step()
         totals["lr"] = self.scheduler.get_last_lr()[0]
         totals = dist_utils.mean_metrics(totals)

@@ -30,6 +30,23 @@ def compact_rows(num_rows: int, drop: torch.Tensor, *buffers: torch.Tensor) -> i
     return idx.numel()
 
 
+def pad_prompts(prompts: list[list[int]], max_batch: int, max_len: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts right-padded with zeros into tokens[B, P] and their lengths[B], checked against a
+    runner's max_batch and max_len."""
+    b = len(prompts)
+    if b > max_batch:
+        raise ValueError(f"{b} rows exceed the runner's max_batch={max_batch}")
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lens.max())
+    if width >= max_len:
+        raise ValueError(f"prompt of {width} tokens does not fit max_len={max_len}")
+    tokens = torch.zeros(b, width, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    return tokens, lens
+
+
 class RaggedKVCache(Cache):
     """Per layer K/V buffers [B, kv_heads, S_max, head_dim] plus a length per row.
 
@@ -146,16 +163,8 @@ class HFTargetRunner:
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        b = len(prompts)
-        if b > self.max_batch:
-            raise ValueError(f"{b} rows exceed the runner's max_batch={self.max_batch}")
-        lens = torch.tensor([len(p) for p in prompts], device=self.device)
-        width = int(lens.max())
-        if width >= self.max_len:
-            raise ValueError(f"prompt of {width} tokens does not fit max_len={self.max_len}")
-        tokens = torch.zeros(b, width, dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        tokens, lens = pad_prompts(prompts, self.max_batch, self.max_len, self.device)
+        b, width = tokens.shape
         pos = torch.arange(width, device=self.device)
         # Right padding: row b attends causally to its own first lens[b] tokens. Pad queries see
         # column 0 only (their outputs are discarded) so no softmax row is empty.
