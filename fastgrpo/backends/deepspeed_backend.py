@@ -155,23 +155,26 @@ class DeepSpeedBackend(TorchBackend):
             return
         if self._reference_engine is None:
             self._build_zero3_reference()
-        # Same shapes, same world, same partitioning: each rank copies its own partitions.
+        # Same shapes, same world, same partitioning, same dtypes (checked when it was built):
+        # each rank copies its own partitions.
         with torch.no_grad():
             for ref_p, p in zip(self.reference.parameters(), self._model.parameters()):
-                ref_p.ds_tensor.copy_(p.ds_tensor.to(ref_p.ds_tensor.device, ref_p.ds_tensor.dtype))
+                ref_p.ds_tensor.copy_(p.ds_tensor)
 
     def _build_zero3_reference(self) -> None:
         deepspeed = _import_deepspeed()
         from transformers import AutoModelForCausalLM
 
         cfg = reference_json(self.config, self.ds_cfg)
-        dtype = torch.bfloat16 if cfg["bf16"]["enabled"] else torch.float32
         from transformers.initialization import no_init_weights
 
         # Built partitioned from the start (the full reference never exists on one rank), and
-        # not initialised: its partitions are copied from the policy or loaded next.
-        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=cfg, dtype=dtype):
-            ref = AutoModelForCausalLM.from_config(self._model.config, dtype=dtype)
+        # not initialised: its partitions are copied from the policy or loaded next. zero.Init
+        # takes its dtype from the config (the policy's bf16 section): never pass it dtype=, which
+        # DeepSpeed turns into bf16 wherever the accelerator lacks fp16 (CPUs whose oneDNN has
+        # none), whatever was asked for.
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=cfg):
+            ref = AutoModelForCausalLM.from_config(self._model.config, dtype=_param_dtype(self._model))
             ref.tie_weights()  # skipped with the initialisation; the partitions assume the policy's ties
         names = [n for n, _ in ref.named_parameters()]
         if names != [n for n, _ in self._model.named_parameters()]:
@@ -184,6 +187,8 @@ class DeepSpeedBackend(TorchBackend):
         self._reference_engine, *_ = deepspeed.initialize(model=ref, config=cfg)
         self._reference_engine.eval()
         self.reference = self._reference_engine.module.requires_grad_(False)
+        # Partitions and buffers are copied into the reference with copy_, which would cast.
+        check_same_dtypes(self.reference, self._model)
 
     def load_reference(self, path: Path) -> None:
         if self.algo.kl_beta == 0:
@@ -324,6 +329,43 @@ class DeepSpeedBackend(TorchBackend):
             super().load_hf_weights(path)
             return
         _load_zero3(self._model, _read_safetensors(path))
+
+
+def _param_dtype(model: torch.nn.Module) -> torch.dtype:
+    p = next(model.parameters())
+    return getattr(p, "ds_tensor", p).dtype
+
+
+def check_same_dtypes(reference: torch.nn.Module, policy: torch.nn.Module) -> None:
+    """Raise unless every parameter (and its ZeRO-3 partition, where partitioned) and every
+    floating buffer of ``reference`` has exactly the dtype of the policy's tensor of the same name.
+    A KL reference in another dtype is a silent error in every KL term (bf16 weights under an fp32
+    policy: KL of 1e-5 where it must be 0)."""
+    bad = []
+    for kind, ref_tensors, policy_tensors in (
+            ("parameter", reference.named_parameters(), dict(policy.named_parameters())),
+            ("buffer", reference.named_buffers(), dict(policy.named_buffers()))):
+        for name, t in ref_tensors:
+            if kind == "buffer" and not t.is_floating_point():
+                continue
+            if name not in policy_tensors:
+                bad.append(f"{kind} {name} (not in the policy)")
+            elif _dtypes(t) != _dtypes(policy_tensors[name]):
+                bad.append(f"{kind} {name} is {_dtypes(t)}, the policy's {_dtypes(policy_tensors[name])}")
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise RuntimeError("the ZeRO-3 KL reference must have exactly the policy's dtypes: " + "; ".join(bad[:5])
+                           + more + ". Was it built (deepspeed.zero.Init) in another dtype than the policy engine?")
+
+
+def _dtypes(t: torch.Tensor) -> str:
+    """The tensor's dtype, and its ZeRO-3 partition's where that differs (a parameter's own tensor
+    is then an empty placeholder)."""
+    names = [str(t.dtype).removeprefix("torch.")]
+    stored = getattr(t, "ds_tensor", None)
+    if stored is not None and stored.dtype != t.dtype:
+        names.append(f"partition {str(stored.dtype).removeprefix('torch.')}")
+    return " with ".join(names)
 
 
 def _load_zero3(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
