@@ -33,7 +33,7 @@ import torch
 
 from fastgrpo.draft.learner import DraftSequence, OnlineDraftLearner, check_draft_state, read_draft_state
 from fastgrpo.rollout.budget import Budget
-from fastgrpo.rollout.hf_runner import HFTargetRunner, compact_rows
+from fastgrpo.rollout.hf_runner import HFTargetRunner, check_runner_support, compact_rows
 from fastgrpo.rollout.tree import TreeBatch, select_tree
 
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +354,7 @@ def build_lm_draft(cfg, target: torch.nn.Module, tokenizer=None, hidden_scale: f
     path = Path(cfg.init_path) if cfg.init_path else None
     if path is not None and path.is_dir():
         dcfg = AutoConfig.from_pretrained(str(path))
+        check_runner_support(dcfg)  # the proposer drives it with HFTargetRunner: refuse it now
         check_lm_vocab(dcfg.vocab_size, target_vocab, tokenizer, where=f"the draft LM in {path}")
         _check_draft_tokenizer(path, tokenizer)
         draft = AutoModelForCausalLM.from_pretrained(str(path), dtype=p.dtype, attn_implementation="sdpa")

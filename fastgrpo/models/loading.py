@@ -218,6 +218,32 @@ def build_preset_model(name: str, tokenizer: Any, seed: int, attn_implementation
     return model
 
 
+def check_model_family(path: str) -> None:
+    """Refuse, before any weight is read, a model the rollout runner cannot drive (its
+    model_type is not in fastgrpo.rollout.hf_runner.SUPPORTED_MODEL_TYPES, or its attention
+    layout is one the runner cannot mask): the message names the model_type and the supported ones."""
+    from transformers import AutoConfig
+
+    from fastgrpo.rollout.hf_runner import SUPPORTED_MODEL_TYPES, UnsupportedModelError, check_runner_support
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"model folder {path!r}: cannot read config.json: {e}") from e
+    if model_type not in SUPPORTED_MODEL_TYPES:  # before AutoConfig, which may not know it
+        raise ModelLoadError(f"model folder {path!r}: model_type={model_type!r} is not supported by the rollout "
+                             f"runner (supported model types: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise ModelLoadError(f"model folder {path!r}: cannot read config.json: {e}") from e
+    try:
+        check_runner_support(config)
+    except UnsupportedModelError as e:
+        raise ModelLoadError(f"model folder {path!r}: {e}") from e
+
+
 def load_policy(
     cfg: ModelConfig,
     device: torch.device | str = "cpu",
@@ -245,6 +271,7 @@ def load_policy(
                 f"model folder {cfg.path!r} has no weights: looked for {', '.join(WEIGHT_FILES)}"
             )
         tokenizer = load_tokenizer(cfg)
+        check_model_family(cfg.path)
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attn)
         except Exception as e:
