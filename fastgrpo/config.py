@@ -73,6 +73,12 @@ class RolloutConfig:
     l_min: int = 3
     l_max: int = 5
     alpha: float = 0.75
+    # How mode fastgrpo sizes its trees: cost_model (per step, the tree size with the most expected
+    # tokens per second from online latency and acceptance models; AR when nothing beats AR) or
+    # formula (the paper's N = C_peak // B above, the ablation).
+    policy: str = "cost_model"
+    t_max: int = 32  # cost_model: most tokens verified per row per step (the root included)
+    probe_every: int = 8  # cost_model: while AR wins, draft anyway every this many steps
     # How the concurrency signal is aggregated over data-parallel ranks: local | mean | max | sum.
     concurrency_aggregate: str = "local"
     # The `static` baseline: a fixed EAGLE-2 tree whatever the concurrency.
@@ -229,3 +235,78 @@ class FastGRPOConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ---- checks ------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key (``section.key=value``)."""
+
+
+# The accepted values of the string keys with a fixed set of choices. Kept here (no torch import)
+# so that a typo fails at start-up, before any model is built; tests/test_cli_errors.py checks
+# them against the modules that use them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3",
+                                  "flex_attention"),
+    "data.kind": ("synthetic", "gsm8k", "prompt_answer"),
+    "data.long_prompt_policy": ("skip", "error"),
+    "rollout.mode": ("ar", "static", "fastgrpo"),
+    "rollout.concurrency_aggregate": ("local", "mean", "max", "sum"),
+    "draft.kind": ("eagle", "lm"),
+    "algo.kl_estimator": ("k1", "k2", "k3"),
+    "algo.loss_agg": ("token_mean", "seq_mean", "dr_grpo"),
+    "optim.schedule": ("constant", "cosine"),
+    "backend.name": ("torch", "deepspeed", "megatron"),
+    "backend.ddp_backend": ("auto", "gloo", "nccl"),
+}
+
+# Numeric keys and the smallest value that can work.
+MINIMUMS: dict[str, int] = {
+    "trainer.steps": 0,
+    "trainer.eval_every": 0,
+    "trainer.eval_size": 0,
+    "trainer.max_nonfinite_in_a_row": 1,
+    "algo.group_size": 1,
+    "algo.prompts_per_step": 1,
+    "algo.updates_per_batch": 1,
+    "algo.micro_batch_size": 1,
+    "rollout.max_new_tokens": 1,
+    "rollout.top_k": 0,
+    "data.max_prompt_tokens": 1,
+    "data.test_size": 1,
+    "checkpoint.every": 0,
+    "checkpoint.keep_last": 0,
+}
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_config(cfg: FastGRPOConfig) -> FastGRPOConfig:
+    """Raise :class:`ConfigError` naming the first key whose value cannot work (a choice that is
+    not one of :data:`CHOICES`, a count below :data:`MINIMUMS`, a sampling parameter out of
+    range). Cheap and model-free: ``fastgrpo-train`` runs it before building anything."""
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
+    for key, low in MINIMUMS.items():
+        value = _get(cfg, key)
+        if value < low:
+            raise ConfigError(f"{key}={value!r}: must be >= {low}")
+    r = cfg.rollout
+    if not r.temperature > 0:
+        raise ConfigError(f"rollout.temperature={r.temperature!r}: must be > 0 (the policy's logits are divided by it)")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={r.top_p!r}: must be in (0, 1]")
+    if r.c_peak is not None and r.c_peak < 1:
+        raise ConfigError(f"rollout.c_peak={r.c_peak!r}: must be >= 1 (or null: the cached profile, else measured)")
+    if r.eval_temperature < 0:
+        raise ConfigError(f"rollout.eval_temperature={r.eval_temperature!r}: must be >= 0 (0 = greedy)")
+    return cfg

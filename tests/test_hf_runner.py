@@ -85,3 +85,38 @@ def test_empty_batch_and_bad_prompt(tiny_qwen2):
         gen.generate([[1], []], SamplingParams())
     with pytest.raises(ValueError, match="unknown rollout mode"):
         Generator(lambda b, L: None, "nope")
+
+
+def test_group_prefill_equals_one_prefill_per_row():
+    """GRPO's G rows of a prompt share one prefill (generator.prefill_groups): the same logits,
+    hidden states and cached K/V as prefilling every row, and the same rollouts."""
+    from conftest import make_tiny_qwen2
+
+    from fastgrpo.rollout import Generator, SamplingParams
+    from fastgrpo.rollout.generator import group_prompts, prefill_groups
+
+    model = make_tiny_qwen2(vocab=40, seed=5)
+    prompts = [[1, 2, 3], [4, 5], [1, 2, 3], [6], [4, 5], [1, 2, 3]]
+    unique, index = group_prompts(prompts)
+    assert unique == [[1, 2, 3], [4, 5], [6]] and index.tolist() == [0, 1, 0, 2, 1, 0]
+    rows, grouped = HFTargetRunner(model, 6, 32), HFTargetRunner(model, 6, 32)
+    calls = []
+    grouped_prefill = grouped.prefill
+    grouped.prefill = lambda p: calls.append(len(p)) or grouped_prefill(p)
+    l1, h1 = rows.prefill(prompts)
+    l2, h2 = prefill_groups(grouped, prompts)
+    assert calls == [3]  # three distinct prompts computed, not six rows
+    torch.testing.assert_close(l2, l1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h2, h1, atol=1e-5, rtol=1e-5)
+    assert torch.equal(grouped.lengths, rows.lengths)
+    for a, b in zip(rows.cache.keys + rows.cache.values, grouped.cache.keys + grouped.cache.values):
+        for r, n in enumerate(rows.lengths.tolist()):
+            torch.testing.assert_close(b[r, :, :n], a[r, :, :n], atol=1e-5, rtol=1e-5)
+    factory = lambda b, n: HFTargetRunner(model, b, n)
+    for params in (SamplingParams(temperature=0, max_new_tokens=12),
+                   SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12)):
+        one = Generator(factory, "ar", group_prefill=False).generate(prompts, params, torch.Generator().manual_seed(3))
+        grp = Generator(factory, "ar").generate(prompts, params, torch.Generator().manual_seed(3))
+        assert grp.response_ids == one.response_ids
+        for a, b in zip(grp.logprobs, one.logprobs):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -311,7 +311,9 @@ def test_one_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):
 
 # ---- speculative rollouts with online draft learning -------------------------------------------
 
-SPEC = ("rollout=fastgrpo", "rollout.c_peak=64", "draft.lr=1e-3", "checkpoint.every=2", "algo.kl_beta=0.0",
+# policy=formula: accepted lengths are a function of the seed (cost_model's depend on timings too;
+# its rollouts do not: test_cost_model_resume_reproduces_rollouts_and_draft).
+SPEC = ("rollout=fastgrpo", "rollout.policy=formula", "rollout.c_peak=64", "draft.lr=1e-3", "checkpoint.every=2", "algo.kl_beta=0.0",
         "tracking.enabled=false", REWARDS)
 SPEC_KEYS = ("reward/mean", "train/loss", "rollout/mean_accepted_len", "draft/loss", "draft/top1_agreement")
 
@@ -336,3 +338,22 @@ def test_fastgrpo_resume_reproduces_draft_and_acceptance(tmp_path):
     state = torch.load(tmp_path / "b" / "run" / "checkpoints" / "step_00000004" / "trainer_state.pt",
                        weights_only=True)
     assert set(state["draft"]) == {"draft", "optimizer"}
+
+
+def test_cost_model_resume_reproduces_rollouts_and_draft(tmp_path):
+    """rollout.policy=cost_model picks tree sizes from measured timings, so its accepted lengths
+    differ between runs; the rollouts do not (one uniform per response position): a resumed run
+    samples the same tokens and computes the same losses as the straight one."""
+    spec = tuple(o for o in SPEC if o != "rollout.policy=formula") + ("rollout.policy=cost_model",)
+    straight, _ = run_trainer(tmp_path / "a", *spec)
+    hist = step_metrics(straight.history)
+    assert any(h["rollout/mean_accepted_len"] > 1.0 for h in hist.values())  # trees were accepted
+    run_trainer(tmp_path / "b", "trainer.steps=2", *spec)
+    resumed, _ = run_trainer(tmp_path / "b", "checkpoint.resume=auto", *spec)
+    again = step_metrics(resumed.history)
+    for step in (1, 2, 3, 4):
+        assert again[step]["rollout/tokens"] == hist[step]["rollout/tokens"]
+        assert again[step]["reward/mean"] == hist[step]["reward/mean"]
+        # Features come from whichever forward verified a token (tree or AR): equal to round-off.
+        for key in ("train/loss", "draft/loss"):
+            assert again[step][key] == pytest.approx(hist[step][key], rel=1e-4, abs=1e-6), (step, key)

@@ -83,6 +83,10 @@ class RolloutPlacement:
     # The lead ranks' process group the draft's gradients and the concurrency signal are reduced
     # over (None: the default group).
     group: Any = None
+    # Whether a lead may choose its trees from its own measurements. False where several leads
+    # drive one model replica (tensor parallel): they must verify identical trees, so a budget
+    # policy that decides from timings (rollout.policy=cost_model) is replaced by the formula.
+    local_decisions: bool = True
 
     def generator(self, generator):
         """What the trainer calls ``generate`` on: ``generator`` (built on lead ranks only, None

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from fastgrpo.algo import grpo_loss
-from fastgrpo.backends.base import PolicyBackend, PolicyBatch, run_updates
+from fastgrpo.backends.base import PolicyBackend, PolicyBatch, RolloutPlacement, run_updates
 from fastgrpo.backends.torch_backend import _read_safetensors, build_scheduler, write_hf
 from fastgrpo.config import AlgoConfig, MegatronConfig, OptimConfig
 from fastgrpo.rollout.base import TargetRunner
@@ -225,12 +225,14 @@ class MegatronBackend(PolicyBackend):
     def rollout_placement(self):
         """PP = 1: every rank decodes and holds a draft replica, as with the other backends. PP > 1:
         the last stage does, the other stages follow it (megatron_ext.pipeline_rollouts.LastStagePlacement)."""
+        tp1 = self.engine.layout.tp_size == 1  # TP ranks of a replica must verify the same trees
         if not self._last_stage_draft:
-            return super().rollout_placement()
+            return RolloutPlacement(local_decisions=tp1)
         if self._placement is None:
             from megatron_ext.pipeline_rollouts import LastStagePlacement
 
             self._placement = LastStagePlacement(self)
+            self._placement.local_decisions = tp1
         return self._placement
 
     def draft_heads(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:
@@ -318,7 +320,10 @@ class MegatronBackend(PolicyBackend):
         if not os.path.exists(file):
             raise FileNotFoundError(f"{path} has no megatron optimizer shard {os.path.basename(file)}: was this "
                                     "checkpoint written by another backend or layout?")
-        saved = torch.load(file, map_location="cpu", weights_only=False)
+        try:
+            saved = torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as e:  # torch's own errors do not say which file
+            raise ValueError(f"cannot read megatron optimizer shard {file}: {type(e).__name__}: {e}") from e
         if saved["layout"] != self._layout():
             raise ValueError(f"shard {file} is for layout {saved['layout']}, this run is {self._layout()}")
         self.engine.load_optimizer_state(saved["optimizer"])

@@ -112,5 +112,9 @@ class TargetRunner(Protocol):
     def drop_rows(self, rows: torch.Tensor) -> None:
         """Remove these rows (indices into the current rows); the others keep their order."""
 
+    # Optional: ``repeat_rows(index[B'])`` makes row i a copy of current row index[i] (its cached
+    # K/V and length), so rows that share a prompt share one prefill (generator.prefill_groups).
+    # A runner without it prefills every row.
+
     def release(self) -> None:
         """Free the KV cache."""

@@ -217,6 +217,14 @@ class BudgetController:
         self.last_budget = out
         return out
 
+    # -- the speculative step's hooks (the cost-model policy uses them; this one needs neither) --
+
+    def choose_tree(self, tree, b: int, draft_s: float):
+        return tree
+
+    def observe(self, tree, path, path_len, b: int, verify_s: float) -> None:
+        pass
+
     def assert_consistent(self) -> None:
         """Collective check that every rank of the group has the same params, mode and fixed budget
         (a mismatch would silently give ranks different trees). No-op for one process."""

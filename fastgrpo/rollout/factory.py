@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,14 +12,23 @@ import torch
 
 from fastgrpo.config import DraftConfig, RolloutConfig
 from fastgrpo.rollout.budget import BudgetController, BudgetParams
+from fastgrpo.rollout.cost_model import CostModelParams, CostModelPolicy
 from fastgrpo.rollout.generator import Generator, RunnerFactory
 
 SPECULATIVE_MODES = ("fastgrpo", "static")
 
 
-def budget_controller(cfg: RolloutConfig, c_peak: int | None, group=None) -> BudgetController:
+POLICIES = ("cost_model", "formula")
+
+
+def budget_controller(cfg: RolloutConfig, c_peak: int | None, group=None):
     if cfg.mode == "static":
         return BudgetController.static(cfg.static_tokens, cfg.static_topk, cfg.static_depth)
+    if cfg.policy not in POLICIES:
+        raise ValueError(f"rollout.policy={cfg.policy!r}: choose {' or '.join(POLICIES)}")
+    if cfg.policy == "cost_model":
+        return CostModelPolicy(CostModelParams(t_max=cfg.t_max, k_max=cfg.k_max, l_max=cfg.l_max,
+                                               probe_every=cfg.probe_every))
     params = BudgetParams(c_peak=int(c_peak), n_max=cfg.n_max, k_max=cfg.k_max, l_min=cfg.l_min,
                           l_max=cfg.l_max, alpha=cfg.alpha)
     return BudgetController(params, mode=cfg.concurrency_aggregate, group=group)
@@ -40,6 +51,8 @@ def build_generator(cfg: RolloutConfig, runner_factory: RunnerFactory, draft: to
     ctrl = budget_controller(cfg, c_peak, group)
     if cfg.mode == "static":
         max_verify, slots = cfg.static_tokens, cfg.static_topk * cfg.static_depth
+    elif cfg.policy == "cost_model":
+        max_verify, slots = cfg.t_max, cfg.k_max * cfg.l_max
     else:
         max_verify, slots = min(cfg.n_max, int(c_peak)), cfg.k_max * cfg.l_max
     gen = Generator(runner_factory, cfg.mode, proposer_factory=proposer_factory, budget_fn=ctrl.budget,
@@ -66,13 +79,18 @@ def build_rollout_components(cfg: RolloutConfig, draft_cfg: DraftConfig, backend
     from fastgrpo.draft import build_draft_components
 
     placement = backend.rollout_placement()
+    if cfg.mode == "fastgrpo" and cfg.policy == "cost_model" and not placement.local_decisions:
+        # Several ranks drive one replica (TP): their trees must be identical, and timings differ.
+        logging.getLogger(__name__).info("rollout.policy=cost_model decides from this rank's timings; "
+                                         "under tensor parallelism the formula sizes the trees instead")
+        cfg = dataclasses.replace(cfg, policy="formula")
     draft = learner = proposer_factory = c_peak = None
     if cfg.mode != "ar":
         heads = backend.draft_heads()  # collective
         if placement.lead:
             draft, proposer_factory, learner = build_draft_components(draft_cfg, model, tokenizer, heads=heads,
                                                                       group=placement.group)
-        if cfg.mode == "fastgrpo":
+        if cfg.mode == "fastgrpo" and cfg.policy == "formula":
             c_peak = cfg.c_peak if c_peak_fn is None else c_peak_fn()
     generator = None
     if placement.lead:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fastgrpo.rollout.base import Rollouts, SamplingParams, StepStats, TargetRunner
-from fastgrpo.rollout.sampling import sample
+from fastgrpo.rollout.sampling import PositionUniforms, sample
 
 RunnerFactory = Callable[[int, int], TargetRunner]  # (max_batch, max_len) -> runner
 
@@ -94,13 +94,14 @@ class Generator:
     the online draft learner trains on them without another target pass."""
 
     def __init__(self, runner_factory: RunnerFactory, mode: str = "ar", capture_features: bool = False,
-                 **mode_kwargs):
+                 group_prefill: bool = True, **mode_kwargs):
         if mode not in _MODES:
             raise ValueError(f"unknown rollout mode {mode!r}; available: {available_modes()}")
         self.runner_factory = runner_factory
         self.mode = _MODES[mode](**mode_kwargs)
         self.mode_name = mode
         self.capture_features = capture_features
+        self.group_prefill = group_prefill  # one prefill per distinct prompt (off: one per row)
 
     @torch.no_grad()
     def generate(
@@ -118,8 +119,9 @@ class Generator:
         runner = self.runner_factory(n, max_len)
         steps: list[StepStats] = []
         try:
-            logits, hidden = runner.prefill(prompts)
-            first, first_lp, _ = sample(logits, params, generator)
+            logits, hidden = prefill_groups(runner, prompts) if self.group_prefill else runner.prefill(prompts)
+            draws = PositionUniforms(n, params.max_new_tokens, generator)
+            first, first_lp, _ = sample(logits, params, draws)
             self.mode.on_prefill(prompts, hidden, first, max_len)
             if self.capture_features:
                 for i, p in enumerate(prompts):
@@ -138,13 +140,37 @@ class Generator:
                     live, last = live[keep], last[keep.to(last.device)]
                 if len(live) == 0:
                     break
-                out = self.mode.step(runner, last, params, generator)
+                draws.point(live, torch.tensor([len(acc.responses[i]) for i in live.tolist()]))
+                out = self.mode.step(runner, last, params, draws)
                 steps.append(out.stats)
         finally:
             self.mode.on_finish()
             runner.release()
         self.mode.wait_for_peers()
         return acc.rollouts(prompts, steps, time.perf_counter() - t_start)
+
+
+def group_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """(distinct prompts in order of first appearance, index[B] of each row's distinct prompt)."""
+    first: dict[tuple[int, ...], int] = {}
+    index = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    unique = [list(p) for p in first]
+    return unique, torch.tensor(index, dtype=torch.long)
+
+
+def prefill_groups(runner: TargetRunner, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``runner.prefill(prompts)``, computing each distinct prompt once: GRPO's G samples of a
+    prompt (and k evaluation samples) share its prefill, whose K/V the runner copies to every
+    row of the group (``repeat_rows``). Same logits, hidden states and cache as one prefill per
+    row; runners without ``repeat_rows`` prefill every row."""
+    unique, index = group_prompts(prompts)
+    repeat = getattr(runner, "repeat_rows", None)
+    if len(unique) == len(prompts) or repeat is None:
+        return runner.prefill(prompts)
+    logits, hidden = runner.prefill(unique)
+    index = index.to(logits.device)
+    repeat(index)
+    return logits[index], hidden[index]
 
 
 @dataclass

@@ -119,6 +119,16 @@ class RaggedKVCache(Cache):
                 buf[rows, :, dst] = buf[rows, :, src]
         self.lengths[:n] += num_keep
 
+    def repeat_rows(self, index: torch.Tensor) -> None:
+        """Row i becomes a copy of current row index[i] (K/V and length): rows that share a
+        prompt share its prefill. index may be longer than the current rows (up to the batch)."""
+        n = index.numel()
+        index = index.to(self.lengths.device)
+        for buf in (*self.keys, *self.values):
+            buf[:n] = buf[index]
+        self.lengths[:n] = self.lengths[index]
+        self.num_rows = n
+
     def drop_rows(self, rows: torch.Tensor) -> None:
         # Compact into the leading rows; attention never reads rows >= num_rows.
         m = compact_rows(self.num_rows, rows, *self.keys, *self.values, self.lengths)
@@ -275,6 +285,11 @@ class HFTargetRunner:
 
     def commit(self, keep: torch.Tensor, num_keep: torch.Tensor) -> None:
         self.cache.commit(keep, num_keep)
+
+    def repeat_rows(self, index: torch.Tensor) -> None:
+        if self.slot_pos is not None:
+            self.slot_pos[: index.numel()] = self.slot_pos[index.to(self.device)]
+        self.cache.repeat_rows(index)
 
     def drop_rows(self, rows: torch.Tensor) -> None:
         if self.slot_pos is not None:

@@ -50,15 +50,50 @@ def sample_from_logprobs(logprobs: torch.Tensor, uniform: torch.Tensor) -> torch
     return idx.clamp_(max=logprobs.shape[-1] - 1)
 
 
+class PositionUniforms:
+    """One uniform per (row, response position), drawn once per rollout from its torch.Generator.
+
+    The token at response position p of row i is the inverse-CDF draw of u[i, p] from the target's
+    processed distribution given the emitted prefix, whatever proposed it: an AR step, or any node
+    of a speculative tree at depth p - emitted (siblings share the uniform; the accepted path
+    holds one node per depth, so every emitted token uses its own position's uniform exactly
+    once, and the uniforms are independent of the draft). Speculative rollouts are therefore the
+    same function of the seed as AR rollouts, whatever tree sizes a budget policy picks from
+    measured timings: runs stay reproducible and resumable."""
+
+    def __init__(self, rows: int, max_new_tokens: int, generator: torch.Generator | None):
+        self.u = torch.rand(rows, max_new_tokens + 1, generator=generator)
+        self.rows = torch.arange(rows)
+        self.emitted = torch.zeros(rows, dtype=torch.long)
+
+    def point(self, rows: torch.Tensor, emitted: torch.Tensor) -> None:
+        """The live rows (original indices) and how many tokens each has emitted."""
+        self.rows, self.emitted = rows.cpu(), emitted.cpu()
+
+    def take(self, depths: torch.Tensor) -> torch.Tensor:
+        """Uniforms for nodes at ``depths[B, T]`` below each live row's next position."""
+        pos = (self.emitted.unsqueeze(1) + depths.cpu()).clamp(max=self.u.shape[1] - 1)
+        return self.u[self.rows.unsqueeze(1), pos].to(depths.device)
+
+
+def uniforms(draws: torch.Generator | PositionUniforms | None, depths: torch.Tensor) -> torch.Tensor:
+    """One uniform per node of ``depths[B, T]``: from the rollout's positional table, or fresh
+    draws from a torch.Generator (callers outside a Generator rollout)."""
+    if isinstance(draws, PositionUniforms):
+        return draws.take(depths)
+    return torch.rand(depths.shape, generator=draws, device="cpu").to(depths.device)
+
+
 def sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | PositionUniforms | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample one token per position. Returns (tokens, their log-probs under the processed
-    distribution, the processed log-probs)."""
+    """Sample one token per row from logits[B, V] (the next position of each row). Returns
+    (tokens, their log-probs under the processed distribution, the processed log-probs)."""
     logprobs = processed_logprobs(logits, params)
     if params.greedy:
         tokens = logprobs.argmax(-1)
     else:
-        u = torch.rand(logprobs.shape[:-1], generator=generator, device="cpu").to(logprobs.device)
+        depth0 = torch.zeros(logprobs.shape[:-1], dtype=torch.long, device=logprobs.device)
+        u = uniforms(generator, depth0.view(-1, 1)).view(depth0.shape)
         tokens = sample_from_logprobs(logprobs, u)
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), logprobs

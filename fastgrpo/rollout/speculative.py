@@ -18,7 +18,7 @@ import torch
 from fastgrpo.rollout.base import StepStats
 from fastgrpo.rollout.budget import Budget
 from fastgrpo.rollout.generator import DecodingMode, StepOutput, autoregressive_step, register_mode
-from fastgrpo.rollout.sampling import processed_logprobs, sample_from_logprobs
+from fastgrpo.rollout.sampling import processed_logprobs, sample_from_logprobs, uniforms
 from fastgrpo.rollout.tree import walk_tree
 
 ProposerFactory = Callable[[int, int, int], "object"]  # (max_batch, max_len, tree_slots) -> proposer
@@ -67,9 +67,13 @@ class Speculative(DecodingMode):
             # Step aside: exactly an AR step (same draws), the draft only queues what it will read.
             out = autoregressive_step(runner, last_tokens, params, generator)
             self.proposer.observe(out.hidden, out.tokens, out.counts)
+            if self.controller is not None:
+                self.controller.observe(None, None, None, b, out.stats.verify_time_s)
             return out
         t0 = time.perf_counter()
         tree = self.proposer.propose(last_tokens, budget)
+        if self.controller is not None:  # the cost model cuts the tree to the size that pays
+            tree = self.controller.choose_tree(tree, b, time.perf_counter() - t0)
         t1 = time.perf_counter()
         logits, hidden = runner.forward(tree.tokens, tree.depth, tree.mask)
         logprobs = processed_logprobs(logits, params)
@@ -79,6 +83,8 @@ class Speculative(DecodingMode):
         path_hidden = hidden[rows, path]
         self.proposer.observe(path_hidden, tokens, path_len)
         t2 = time.perf_counter()
+        if self.controller is not None:
+            self.controller.observe(tree, path, path_len, b, t2 - t1)
         stats = StepStats(concurrency=b, tokens_emitted=int(path_len.sum()), n_verify=tree.size,
                           k=budget.k, depth=int(tree.depth.max()), mean_accepted=float(path_len.float().mean()),
                           draft_time_s=t1 - t0, verify_time_s=t2 - t1)
@@ -92,8 +98,7 @@ def verify_exact(tree, logprobs, params, generator):
     if params.greedy:
         samples = logprobs.argmax(-1)
     else:
-        u = torch.rand(b, t, generator=generator).to(logprobs.device)
-        samples = sample_from_logprobs(logprobs, u)
+        samples = sample_from_logprobs(logprobs, uniforms(generator, tree.depth))
     path, path_len = walk_tree(tree, samples)
     rows = torch.arange(b, device=path.device).unsqueeze(1)
     tokens = samples[rows, path]

@@ -23,6 +23,7 @@ class TreeBatch:
     parent: torch.Tensor  # [B, T] long
     depth: torch.Tensor  # [B, T] long; root 0
     mask: torch.Tensor  # [B, T, T] bool: node i sees node j (ancestor or itself)
+    score: torch.Tensor | None = None  # [B, T] cumulative draft log-prob (root 0), when the proposer has one
 
     @property
     def size(self) -> int:
@@ -65,7 +66,8 @@ def select_tree(roots: torch.Tensor, cand_tokens: torch.Tensor, cand_parent: tor
     tokens = torch.cat([roots.unsqueeze(1), cand_tokens.gather(1, chosen)], dim=1)
     depth = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=roots.device), cand_depth.gather(1, chosen)], 1)
     max_depth = int(depth.max())
-    return TreeBatch(tokens, parent, depth, ancestor_mask(parent, max_depth))
+    score = torch.cat([torch.zeros(b, 1, dtype=cand_score.dtype, device=roots.device), cand_score.gather(1, chosen)], 1)
+    return TreeBatch(tokens, parent, depth, ancestor_mask(parent, max_depth), score)
 
 
 def walk_tree(tree: TreeBatch, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,272 @@
+"""The cost-model budget policy (DESIGN.md 3c): per engine step, the tree size that maximises
+expected tokens emitted per second, plain AR when no tree beats AR.
+
+    rate(T) = sum_b E[accepted_b(T)] / (d(draft) + c(B * T))      T = tokens verified per row
+
+- ``LatencyCurve`` is c (and, per draft depth, d): seconds as a function of tokens per forward,
+  piecewise linear through one running point per power-of-two bucket, seeded from the profiler's
+  sweep when there is one and refined from every engine step's measured time (so a run without a
+  profile converges to the same decisions: the paper's open question 4).
+- ``AcceptanceModel`` is E[accepted]: the probability that a drafted node ends on the accepted
+  path given its depth and its draft probability (exp of the cumulative draft log-prob),
+  calibrated online from every verification, saved with the draft.
+- ``CostModelPolicy`` decides twice per step: before drafting (draft at all? from the gain curve
+  the last trees showed) and after (how many of the drafted nodes to verify, from this step's
+  calibrated node probabilities; ``prune_tree`` keeps the best ones).
+
+Trees are verified as one ``[B, T]`` block, so every row gets the same T: a row with fewer
+nodes would be padded to T and cost the same. The policy therefore chooses T for the batch, and
+within a row the nodes by their calibrated probability.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fastgrpo.rollout.budget import AR_BUDGET, Budget
+
+# Draft-probability bin edges: fine near 1, where confident drafts live.
+PROB_EDGES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001)
+
+
+class LatencyCurve:
+    """seconds(tokens): one running (tokens, seconds) point per power-of-two bucket of token
+    counts, linear between points, flat-or-rising beyond them."""
+
+    def __init__(self, points: list[tuple[float, float]] | None = None, ema: float = 0.2, buckets: int = 16):
+        self.ema = ema
+        self.n = [0.0] * buckets
+        self.t = [0.0] * buckets
+        self.seen = [0] * buckets
+        for n, t in points or []:
+            self.update(n, t, weight=1.0)
+
+    @staticmethod
+    def _bucket(n: float, buckets: int) -> int:
+        return min(max(int(math.log2(max(n, 1.0))), 0), buckets - 1)
+
+    def update(self, tokens: float, seconds: float, weight: float | None = None) -> None:
+        if not (seconds > 0 and math.isfinite(seconds)):
+            return
+        k = self._bucket(tokens, len(self.n))
+        w = 1.0 if self.seen[k] == 0 else (self.ema if weight is None else weight)
+        self.n[k] += w * (tokens - self.n[k])
+        self.t[k] += w * (seconds - self.t[k])
+        self.seen[k] += 1
+
+    @property
+    def known(self) -> bool:
+        return any(self.seen)
+
+    def predict(self, tokens: float) -> float:
+        pts = sorted((n, t) for n, t, s in zip(self.n, self.t, self.seen) if s)
+        if not pts:
+            return 0.0
+        if len(pts) == 1:  # one point: assume cost grows like sqrt(tokens) past it (a soft knee)
+            n0, t0 = pts[0]
+            return t0 * math.sqrt(max(tokens, 1.0) / n0) if tokens > n0 else t0
+        if tokens <= pts[0][0]:
+            return pts[0][1]
+        for (n0, t0), (n1, t1) in zip(pts, pts[1:]):
+            if tokens <= n1:
+                return t0 + (t1 - t0) * (tokens - n0) / max(n1 - n0, 1e-9)
+        (n0, t0), (n1, t1) = pts[-2], pts[-1]
+        slope = max((t1 - t0) / max(n1 - n0, 1e-9), 0.0)
+        return t1 + slope * (tokens - n1)
+
+    def state_dict(self) -> dict:
+        return {"n": list(self.n), "t": list(self.t), "seen": list(self.seen)}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.n, self.t, self.seen = list(s["n"]), list(s["t"]), list(s["seen"])
+
+
+class AcceptanceModel:
+    """P(node accepted | depth, draft probability bin), Beta-smoothed counts with a prior at the
+    bin's own draft probability, decayed so that it follows the draft as it learns."""
+
+    def __init__(self, max_depth: int = 8, prior_weight: float = 2.0, max_count: float = 5000.0):
+        edges = torch.tensor(PROB_EDGES, dtype=torch.float64)
+        self.edges = edges
+        centers = ((edges[1:] + edges[:-1]) / 2).clamp(max=1.0)
+        self.max_depth = max_depth
+        self.max_count = max_count
+        self.acc = (prior_weight * centers).repeat(max_depth + 1, 1)
+        self.tot = torch.full_like(self.acc, prior_weight)
+
+    def _index(self, depth: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prob = score.double().exp()
+        b = torch.bucketize(prob, self.edges[1:-1].to(prob.device), right=True)
+        return depth.clamp(0, self.max_depth).cpu(), b.cpu()
+
+    def prob(self, depth: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        d, b = self._index(depth, score)
+        return (self.acc[d, b] / self.tot[d, b]).float()
+
+    def update(self, depth: torch.Tensor, score: torch.Tensor, accepted: torch.Tensor) -> None:
+        """depth, score, accepted: 1-D over the verified (non-root) nodes."""
+        if depth.numel() == 0:
+            return
+        d, b = self._index(depth, score)
+        flat = d * self.acc.shape[1] + b
+        self.acc.view(-1).index_add_(0, flat, accepted.double().cpu())
+        self.tot.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+        big = self.tot > self.max_count
+        if bool(big.any()):
+            scale = torch.where(big, self.max_count / self.tot, torch.ones_like(self.tot))
+            self.acc *= scale
+            self.tot *= scale
+
+    def state_dict(self) -> dict:
+        return {"acc": self.acc.clone(), "tot": self.tot.clone()}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.acc, self.tot = s["acc"].clone().double(), s["tot"].clone().double()
+
+
+def prune_tree(tree, num_nodes: int):
+    """The root plus the ``num_nodes`` best nodes by draft score (ties to shallower nodes, as in
+    ``select_tree``). A child never outscores its parent, so the kept set is closed under
+    ancestors and stays a tree; node order (parents first) is kept."""
+    from fastgrpo.rollout.tree import TreeBatch
+
+    b, t = tree.tokens.shape
+    if num_nodes >= t - 1:
+        return tree
+    dev = tree.tokens.device
+    rank = tree.score[:, 1:] - 1e-6 * tree.depth[:, 1:].float()
+    chosen = rank.topk(num_nodes, dim=1).indices.sort(dim=1).values + 1
+    idx = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), chosen], 1)
+    new_of = torch.zeros(b, t, dtype=torch.long, device=dev)
+    new_of.scatter_(1, idx, torch.arange(num_nodes + 1, device=dev).expand(b, -1))
+    parent = new_of.gather(1, tree.parent.gather(1, idx))
+    parent[:, 0] = 0
+    rows = torch.arange(b, device=dev).view(b, 1, 1)
+    mask = tree.mask[rows, idx.unsqueeze(2), idx.unsqueeze(1)]
+    return TreeBatch(tree.tokens.gather(1, idx), parent, tree.depth.gather(1, idx), mask,
+                     tree.score.gather(1, idx))
+
+
+@dataclass(frozen=True)
+class CostModelParams:
+    t_max: int = 32  # most tokens verified per row in one step (the root included)
+    k_max: int = 8  # widest draft expansion
+    l_max: int = 6  # deepest draft
+    probe_every: int = 8  # while AR wins, draft anyway every this many steps (the draft learns)
+    margin: float = 1.0  # speculate only when predicted rate > margin x AR's
+
+
+class CostModelPolicy:
+    """Budget policy ``cost_model``. Same interface as ``BudgetController`` (``budget``,
+    ``needs_peers``, ``any_rank_active``) plus the hooks the speculative step calls:
+    ``choose_tree`` (after drafting) and ``observe`` (after verification)."""
+
+    is_static = False
+
+    def __init__(self, params: CostModelParams = CostModelParams(), target: LatencyCurve | None = None,
+                 draft: LatencyCurve | None = None, acceptance: AcceptanceModel | None = None):
+        self.params = params
+        self.target = target or LatencyCurve()
+        self.draft = draft or LatencyCurve()  # seconds per draft depth, vs rows x K
+        self.acceptance = acceptance or AcceptanceModel(max_depth=params.l_max + 2)
+        # gain[T-1]: expected tokens per row for a tree of T nodes (EMA over the last trees).
+        self.gain: torch.Tensor | None = None
+        self.depth = min(3, params.l_max)
+        self.k = min(4, params.k_max)
+        self._since_spec = 0
+        self.last_budget: Budget | None = None
+        self.last_prediction: dict | None = None
+        self.history: list[dict] = []  # per step: predicted vs measured seconds (for plots)
+
+    # -- BudgetController's interface ------------------------------------------------------
+    def needs_peers(self) -> bool:
+        return False
+
+    def any_rank_active(self) -> bool:
+        return False
+
+    def _draft_cost(self, b: int, k: int, depth: int) -> float:
+        return depth * self.draft.predict(b * k) if self.draft.known else 0.0
+
+    def budget(self, b: int) -> Budget:
+        """Before drafting: a speculative budget (an upper bound; ``choose_tree`` cuts it) when
+        the last trees' gain curve predicts more tokens per second than AR, else AR."""
+        p = self.params
+        if b == 0:
+            self.last_budget = AR_BUDGET
+            return AR_BUDGET
+        spec = Budget(p.t_max, self.k, self.depth)
+        if self.gain is None or not self.target.known:
+            out = spec  # nothing measured yet: draft once to learn
+        else:
+            ar_rate = b / max(self.target.predict(b), 1e-9)
+            d = self._draft_cost(b, self.k, self.depth)
+            ts = torch.arange(2, self.gain.numel() + 1)
+            cost = torch.tensor([d + self.target.predict(b * int(t)) for t in ts])
+            rate = b * self.gain[1:] / cost.clamp(min=1e-9)
+            best = float(rate.max()) if rate.numel() else 0.0
+            self._since_spec += 1
+            if best > p.margin * ar_rate or self._since_spec >= p.probe_every:
+                out = spec
+            else:
+                out = AR_BUDGET
+        if out.speculative:
+            self._since_spec = 0
+        self.last_budget = out
+        return out
+
+    # -- the speculative step's hooks ------------------------------------------------------
+    def choose_tree(self, tree, b: int, draft_s: float):
+        """After drafting: keep the T-node trees (T chosen for the batch) that maximise
+        E[tokens] / (draft time + c(B*T)); T = 1 is an AR step with the drafted root."""
+        self.draft.update(b * max(self.k, 1), draft_s / max(self.depth, 1))
+        p_node = self.acceptance.prob(tree.depth[:, 1:], tree.score[:, 1:])  # [B, T-1]
+        order = tree.score[:, 1:].argsort(dim=1, descending=True).cpu()
+        cum = p_node.gather(1, order).cumsum(1)
+        gain = torch.cat([torch.ones(1), 1.0 + cum.mean(0)])  # per row, trees of 1..T nodes
+        g = gain[: self.params.t_max]
+        self.gain = g.clone() if self.gain is None or self.gain.numel() != g.numel() else 0.7 * self.gain + 0.3 * g
+        cost = torch.tensor([draft_s + self.target.predict(b * t) for t in range(1, g.numel() + 1)])
+        rate = b * g / cost.clamp(min=1e-9)
+        t_best = int(rate.argmax()) + 1
+        self.last_prediction = {"t": t_best, "verify_s": float(self.target.predict(b * t_best)),
+                                "tokens": float(b * g[t_best - 1]), "draft_s": draft_s}
+        chosen = prune_tree(tree, t_best - 1)
+        self._adapt_shape(chosen, t_best)
+        return chosen
+
+    def _adapt_shape(self, chosen, t_best: int) -> None:
+        """The next draft: one level deeper than this step's chosen trees reached (room to grow),
+        and no wider than the chosen size needs."""
+        used = int(chosen.depth.max()) if chosen.size > 1 else 0
+        self.depth = min(max(used + 1, 1), self.params.l_max)
+        self.k = min(max(t_best - 1, 1), self.params.k_max)
+
+    def observe(self, tree, path: torch.Tensor, path_len: torch.Tensor, b: int, verify_s: float) -> None:
+        """After verification: the measured step time refines c(B*T); every verified node tells
+        the acceptance model whether it was accepted."""
+        t = 1 if tree is None else tree.size
+        self.target.update(b * t, verify_s)
+        pred = self.last_prediction if tree is not None else None
+        self.history.append({"rows": b, "tree": t, "verify_s": verify_s,
+                             "predicted_verify_s": pred["verify_s"] if pred else self.target.predict(b * t)})
+        if tree is None or t == 1:
+            return
+        on_path = torch.zeros(tree.tokens.shape, dtype=torch.bool, device=path.device)
+        steps = torch.arange(path.shape[1], device=path.device).unsqueeze(0) < path_len.unsqueeze(1)
+        rows = torch.arange(b, device=path.device).unsqueeze(1).expand_as(path)
+        on_path[rows[steps], path[steps]] = True
+        self.acceptance.update(tree.depth[:, 1:].reshape(-1), tree.score[:, 1:].reshape(-1),
+                               on_path[:, 1:].reshape(-1))
+
+    def state_dict(self) -> dict:
+        return {"target": self.target.state_dict(), "draft": self.draft.state_dict(),
+                "acceptance": self.acceptance.state_dict()}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.target.load_state_dict(s["target"])
+        self.draft.load_state_dict(s["draft"])
+        self.acceptance.load_state_dict(s["acceptance"])

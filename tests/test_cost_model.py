@@ -1,0 +1,125 @@
+"""The cost-model budget policy's parts: latency curve, acceptance calibration, tree pruning and
+the per-step decision (hand-computed expectations)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastgrpo.rollout.budget import Budget
+from fastgrpo.rollout.cost_model import (AcceptanceModel, CostModelParams, CostModelPolicy, LatencyCurve,
+                                         prune_tree)
+from fastgrpo.rollout.tree import ancestor_mask, select_tree, walk_tree
+
+
+def test_latency_curve_interpolates_its_seed_and_follows_measurements():
+    c = LatencyCurve([(1, 0.010), (16, 0.012), (64, 0.020)])
+    assert math.isclose(c.predict(1), 0.010)
+    assert math.isclose(c.predict(8), 0.010 + 0.002 * 7 / 15)
+    assert math.isclose(c.predict(40), 0.012 + 0.008 * 24 / 48)
+    assert math.isclose(c.predict(128), 0.020 + (0.008 / 48) * 64)  # the last segment's slope
+    for _ in range(60):  # the machine got slower at 16 tokens: the curve follows
+        c.update(16, 0.030)
+    assert abs(c.predict(16) - 0.030) < 1e-4
+    assert math.isclose(c.predict(1), 0.010)
+    one = LatencyCurve([(4, 1.0)])
+    assert one.predict(2) == 1.0 and math.isclose(one.predict(16), 2.0)  # sqrt growth past one point
+    assert LatencyCurve().predict(5) == 0.0 and not LatencyCurve().known
+
+
+def test_acceptance_model_calibrates_to_observed_rates():
+    m = AcceptanceModel(max_depth=4, prior_weight=2.0)
+    g = torch.Generator().manual_seed(0)
+    # Depth 1, draft probability 0.85 (bin 0.8-0.9) but only 30% of such nodes are accepted;
+    # depth 2, probability 0.25, accepted 60%.
+    for _ in range(20):
+        d = torch.tensor([1] * 100 + [2] * 100)
+        s = torch.tensor([math.log(0.85)] * 100 + [math.log(0.25)] * 100)
+        acc = torch.cat([torch.rand(100, generator=g) < 0.3, torch.rand(100, generator=g) < 0.6])
+        m.update(d, s, acc)
+    p = m.prob(torch.tensor([1, 2, 3]), torch.tensor([math.log(0.85), math.log(0.25), math.log(0.85)]))
+    assert abs(p[0] - 0.3) < 0.04 and abs(p[1] - 0.6) < 0.04
+    assert abs(p[2] - 0.85) < 1e-6  # never observed: the prior, the bin's own draft probability
+    state = m.state_dict()
+    m2 = AcceptanceModel(max_depth=4)
+    m2.load_state_dict(state)
+    assert torch.equal(m2.prob(torch.tensor([1]), torch.tensor([math.log(0.85)])), p[:1])
+
+
+def _random_tree(b=5, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Two levels of candidates: k children of the root, k*k grandchildren.
+    s1 = torch.rand(b, k, generator=g).log()
+    s2 = s1.repeat_interleave(k, 1) + torch.rand(b, k * k, generator=g).log()
+    tok = torch.randint(0, 50, (b, k + k * k), generator=g)
+    parent = torch.cat([torch.full((b, k), -1), torch.arange(k).repeat_interleave(k).expand(b, -1)], 1)
+    depth = torch.cat([torch.ones(b, k), 2 * torch.ones(b, k * k)], 1).long()
+    roots = torch.randint(0, 50, (b,), generator=g)
+    return select_tree(roots, tok, parent, torch.cat([s1, s2], 1), depth, k + k * k)
+
+
+def test_prune_tree_keeps_the_best_nodes_as_a_valid_tree():
+    tree = _random_tree()
+    for keep in (0, 1, 3, 7, 11):
+        small = prune_tree(tree, keep)
+        b, t = small.tokens.shape
+        assert t == keep + 1
+        assert torch.equal(small.tokens[:, 0], tree.tokens[:, 0])
+        idx = torch.arange(1, t)
+        assert bool((small.parent[:, 1:] < idx).all())  # parents come first
+        assert torch.equal(small.mask, ancestor_mask(small.parent, int(small.depth.max())))
+        # the kept nodes are the best-scored ones
+        best = tree.score[:, 1:].topk(keep, dim=1).values.sort(dim=1).values if keep else None
+        if keep:
+            assert torch.allclose(small.score[:, 1:].sort(dim=1).values, best)
+        # each kept node has its parent's token path: walking the pruned tree with the full tree's
+        # samples follows the same tokens as long as the path stays in the pruned set
+        assert bool((small.depth[:, 1:] == small.depth.gather(1, small.parent)[:, 1:] + 1).all())
+    # walking: a path through kept nodes is found in both trees
+    samples_full = tree.tokens.clone()  # "the target draws the draft's own tokens"
+    path, plen = walk_tree(tree, torch.roll(samples_full, -1, 1))
+    assert plen.min() >= 1
+
+
+def test_policy_picks_the_tree_size_with_most_tokens_per_second():
+    # Verify cost: flat to 8 tokens, then steep: with B=2, T=4 (8 tokens) beats T=5+.
+    curve = LatencyCurve([(1, 1.0), (8, 1.0), (16, 3.0), (64, 12.0)])
+    pol = CostModelPolicy(CostModelParams(t_max=12, k_max=3, l_max=3), target=curve)
+    tree = _random_tree(b=2, k=3)
+    # Every drafted node accepted with probability 0.5 (calibration with lots of evidence).
+    pol.acceptance.acc[:] = 500.0
+    pol.acceptance.tot[:] = 1000.0
+    chosen = pol.choose_tree(tree, b=2, draft_s=0.0)
+    # gain(T) = 1 + 0.5 (T-1); rate(T) = 2 gain / c(2T): T=4 -> 2*2.5/1.0 = 5.0, T=5 -> 2*3/1.5 = 4.0
+    assert chosen.size == 4
+    assert abs(pol.gain[3] - 2.5) < 1e-6
+    # The next budget: speculate (predicted 5.0 tok/s vs AR's 2/1.0), as wide as the tree needs
+    b = pol.budget(2)
+    assert b.speculative and b.k == 3 and b.depth <= 3
+    # AR wins when every extra token is expensive
+    pol2 = CostModelPolicy(CostModelParams(t_max=12, k_max=3, l_max=3, probe_every=100),
+                           target=LatencyCurve([(1, 1.0), (2, 3.0), (64, 100.0)]))
+    pol2.acceptance.acc[:] = 100.0
+    pol2.acceptance.tot[:] = 1000.0
+    assert pol2.choose_tree(_random_tree(b=1), b=1, draft_s=0.2).size == 1
+    assert pol2.budget(1) == Budget(1, 0, 0)
+    # ... but it probes every probe_every steps so that a draft that learned gets another chance
+    pol3 = CostModelPolicy(CostModelParams(t_max=12, k_max=3, l_max=3, probe_every=3),
+                           target=LatencyCurve([(1, 1.0), (2, 3.0), (64, 100.0)]))
+    pol3.choose_tree(_random_tree(b=1), b=1, draft_s=0.2)
+    decisions = [pol3.budget(1).speculative for _ in range(6)]
+    assert decisions == [False, False, True, False, False, True]
+
+
+def test_policy_observe_calibrates_from_verified_paths_and_latency():
+    pol = CostModelPolicy(CostModelParams(t_max=12, k_max=3, l_max=3), target=LatencyCurve([(1, 1.0)]))
+    tree = _random_tree(b=3, k=3)
+    path = torch.zeros(3, 3, dtype=torch.long)
+    path[0, 1] = 1  # row 0 accepted node 1
+    path_len = torch.tensor([2, 1, 1])
+    before = pol.acceptance.tot.sum().item()
+    pol.observe(tree, path, path_len, b=3, verify_s=2.0)
+    assert pol.acceptance.tot.sum().item() - before == 3 * (tree.size - 1)
+    assert pol.target.predict(3 * tree.size) > 1.0  # the measured 2 s landed in the curve
+    assert pol.history[-1]["verify_s"] == 2.0
