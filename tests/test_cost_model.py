@@ -8,8 +8,13 @@ import math
 import torch
 
 from fastgrpo.rollout.budget import Budget
-from fastgrpo.rollout.cost_model import (AcceptanceModel, CostModelParams, CostModelPolicy, LatencyCurve,
-                                         prune_tree)
+from fastgrpo.rollout.cost_model import (
+    AcceptanceModel,
+    CostModelParams,
+    CostModelPolicy,
+    LatencyCurve,
+    prune_tree,
+)
 from fastgrpo.rollout.tree import ancestor_mask, select_tree, walk_tree
 
 
@@ -63,7 +68,7 @@ def test_prune_tree_keeps_the_best_nodes_as_a_valid_tree():
     tree = _random_tree()
     for keep in (0, 1, 3, 7, 11):
         small = prune_tree(tree, keep)
-        b, t = small.tokens.shape
+        t = small.tokens.shape[1]
         assert t == keep + 1
         assert torch.equal(small.tokens[:, 0], tree.tokens[:, 0])
         idx = torch.arange(1, t)
@@ -78,7 +83,7 @@ def test_prune_tree_keeps_the_best_nodes_as_a_valid_tree():
         assert bool((small.depth[:, 1:] == small.depth.gather(1, small.parent)[:, 1:] + 1).all())
     # walking: a path through kept nodes is found in both trees
     samples_full = tree.tokens.clone()  # "the target draws the draft's own tokens"
-    path, plen = walk_tree(tree, torch.roll(samples_full, -1, 1))
+    _, plen = walk_tree(tree, torch.roll(samples_full, -1, 1))
     assert plen.min() >= 1
 
 

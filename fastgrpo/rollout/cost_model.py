@@ -21,6 +21,7 @@ within a row the nodes by their calibrated probability.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -70,7 +71,7 @@ class LatencyCurve:
             return t0 * math.sqrt(max(tokens, 1.0) / n0) if tokens > n0 else t0
         if tokens <= pts[0][0]:
             return pts[0][1]
-        for (n0, t0), (n1, t1) in zip(pts, pts[1:]):
+        for (n0, t0), (n1, t1) in itertools.pairwise(pts):
             if tokens <= n1:
                 return t0 + (t1 - t0) * (tokens - n0) / max(n1 - n0, 1e-9)
         (n0, t0), (n1, t1) = pts[-2], pts[-1]

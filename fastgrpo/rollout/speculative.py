@@ -92,9 +92,10 @@ class Speculative(DecodingMode):
 
 
 def verify_exact(tree, logprobs, params, generator):
-    """One draw per node from the processed target distribution, then walk the tree.
+    """One draw per node from the processed target distribution (the uniform of the node's response
+    position, sampling.PositionUniforms, inside a Generator rollout), then walk the tree.
     Returns (path, path_len, emitted tokens [B, D+1], their log-probs)."""
-    b, t, _ = logprobs.shape
+    b = logprobs.shape[0]
     if params.greedy:
         samples = logprobs.argmax(-1)
     else:
