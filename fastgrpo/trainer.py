@@ -20,8 +20,9 @@ from fastgrpo.backends import backend_options, build_backend, build_policy_batch
 from fastgrpo.checkpoint import (
     POLICY_DIR,
     SHARDS_DIR,
+    STATE_FILE,
     CheckpointManager,
-    resolve_resume,
+    reading,
 )
 from fastgrpo.config import FastGRPOConfig
 from fastgrpo.data import PromptLoader, build_datasets
@@ -143,7 +144,8 @@ class GRPOTrainer:
     def _run(self) -> dict:
         cfg = self.cfg
         t_start = time.perf_counter()
-        resume_from = resolve_resume(cfg.checkpoint.resume, self.ckpt.dir)
+        # Verified (sizes and checksums, each rank its share); auto skips corrupt ones, newest first.
+        resume_from = self.ckpt.resolve_resume(cfg.checkpoint.resume, collective=True)
         if resume_from is None and self.ckpt.latest() is not None:
             raise TrainingError(
                 f"{self.ckpt.dir} already holds checkpoints of another run; pass checkpoint.resume=auto "
@@ -358,8 +360,8 @@ class GRPOTrainer:
             state["draft"] = draft
         if self.world > 1:  # each rank keeps its own sampling stream
             state["rng_per_rank"] = dist_utils.all_gather_objects(state["rng"])
-        # Rank 0 owns the folder; every rank writes its part (gathered HF weights, ZeRO shards);
-        # rank 0 renames it into place only after all of them succeeded.
+        # Rank 0 owns the folder; every rank writes its part (gathered HF weights, ZeRO shards) and
+        # hashes its share of the files; rank 0 renames it into place only after all of them succeeded.
         tmp = dist_utils.broadcast_object(self.ckpt.begin(self.step, state) if self.rank == 0 else None)
         try:
             self.backend.save_hf(tmp / POLICY_DIR)
@@ -369,8 +371,7 @@ class GRPOTrainer:
                 self.ckpt.abort(tmp)
             raise
         dist_utils.barrier()
-        path = self.ckpt.commit(tmp, self.step, state, self.fingerprint) if self.rank == 0 else None
-        dist_utils.barrier()
+        path = self.ckpt.commit(tmp, self.step, state, self.fingerprint, all_ranks=True)
         self._saved_step = self.step
         return path
 
@@ -411,9 +412,12 @@ class GRPOTrainer:
             self.backend.reset_reference()
         elif source == "folder":
             self.backend.load_reference(Path(json.loads(state["trainer"])["reference"]))
-        self.backend.load_hf_weights(Path(path) / POLICY_DIR)
-        self.backend.load_state_dict(state["backend"])
-        self.backend.load_shards(Path(path) / SHARDS_DIR)
+        with reading(Path(path) / POLICY_DIR):  # a load error names what was being read
+            self.backend.load_hf_weights(Path(path) / POLICY_DIR)
+        with reading(Path(path) / STATE_FILE):
+            self.backend.load_state_dict(state["backend"])
+        with reading(Path(path) / SHARDS_DIR):
+            self.backend.load_shards(Path(path) / SHARDS_DIR)
         self.loader.load_state_dict(state["loader"])
         rng = state["rng_per_rank"][self.rank] if "rng_per_rank" in state else state["rng"]
         restore_rng_state(rng, {"sample": self.sample_rng})

@@ -278,7 +278,9 @@ def test_resolve_resume(tmp_path):
     (ck / META_FILE).unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
         resolve_resume(str(ck), d)
-    assert resolve_resume("auto", d) is None
+    # a folder whose only checkpoint is incomplete is an error, not a fresh start
+    with pytest.raises(CheckpointError, match="none verifies"):
+        resolve_resume("auto", d)
     assert read_meta  # public
 
 

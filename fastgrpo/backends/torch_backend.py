@@ -297,5 +297,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # safetensors' own errors do not say which file
+            raise ValueError(f"cannot read {f}: {type(e).__name__}: {e}") from e
     return state
