@@ -10,8 +10,8 @@ from fastgrpo.bench.rollout import MODES, compare_modes, plot_speedup
 from fastgrpo.draft import EagleDraft, load_draft_weights
 from fastgrpo.rollout import SamplingParams
 
-FIELDS = {"tokens_per_s", "tokens_per_s_runs", "speedup_vs_ar", "mean_accepted_len", "mean_n_verify", "mean_k",
-          "mean_depth", "ar_step_frac"}
+FIELDS = {"tokens_per_s", "tokens_per_s_runs", "speedup_vs_ar", "mean_accepted_len", "mean_tree_size", "mean_k",
+          "mean_depth", "ar_step_frac", "draft_ms_per_spec_step", "verify_ms_per_spec_step", "speedup_vs_ar_row"}
 
 
 def test_compare_modes_schema_and_plot(tmp_path):
@@ -19,13 +19,15 @@ def test_compare_modes_schema_and_plot(tmp_path):
     model = make_tiny_qwen2(vocab=16)
     draft = EagleDraft(model)
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
-    res = compare_modes(model, draft, prompts, SamplingParams(1.0, 0.95, 0, 12), c_peak=16, repeats=2)
-    assert set(res) == set(MODES)
+    res = compare_modes(model, draft, prompts, SamplingParams(1.0, 0.95, 0, 12), c_peak=16, repeats=2,
+                        with_hf=True)
+    assert set(res) == {*MODES, "hf_generate"} and res["hf_generate"]["tokens_per_s"] > 0
+    assert "verify_predicted_over_measured" in res["cost_model"]
     for m in MODES:
         assert FIELDS <= set(res[m]) and len(res[m]["tokens_per_s_runs"]) == 2
     assert res["ar"]["speedup_vs_ar"] == 1.0 and res["ar"]["mean_accepted_len"] == 1.0
-    assert res["static"]["ar_step_frac"] == 0.0 and res["static"]["mean_n_verify"] > 2  # a fixed tree every step
-    result = {"c_peak": 16, "modes": {m: {"by_batch_size": {"3": res[m]}} for m in MODES}}
+    assert res["static"]["ar_step_frac"] == 0.0 and res["static"]["mean_tree_size"] > 2  # a fixed tree every step
+    result = {"c_peak": 16, "modes": {m: {"by_batch_size": {"3": res[m]}} for m in res}}
     png = plot_speedup(result, tmp_path / "speedup.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

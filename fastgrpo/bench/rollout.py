@@ -1,11 +1,19 @@
-"""Rollout throughput of ``ar``, ``static`` and ``fastgrpo`` (a) at fixed batch sizes and (b) on a
-GRPO-shaped rollout (prompts x G samples with the synthetic task's long tail).
+"""Rollout throughput of every decoding mode (a) at fixed batch sizes and (b) on GRPO-shaped
+rollouts (prompts x G samples with the synthetic task's long tail).
 
-Modes are interleaved within each repeat and every ratio is taken within this one run (median of
-the repeats), because shared machines drift."""
+Modes (``MODES``; each a RolloutConfig override):
+- ``ar_row``: AR with one prefill per row (the engine before group prefill: "today's ar");
+- ``ar``: AR with one prefill per distinct prompt (GRPO's G rows share it);
+- ``static``: a fixed EAGLE-2 tree every step (the baseline users pick today);
+- ``formula``: the paper's N = C_peak // B budget;
+- ``cost_model``: the tree size with the most expected tokens per second, AR when nothing pays.
+Plus ``hf_generate`` (transformers' ``generate``, sampling, left-padded batch) as the reference
+many users know. Modes are interleaved within each repeat and every ratio is taken within this
+one run (median of the repeats), because shared machines drift."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -17,68 +25,132 @@ from fastgrpo.rollout import SamplingParams
 from fastgrpo.rollout.factory import build_generator
 from fastgrpo.rollout.hf_runner import HFTargetRunner
 
-MODES = ("ar", "static", "fastgrpo")
+MODE_OVERRIDES: dict[str, dict] = {
+    "ar_row": {"mode": "ar"},
+    "ar": {"mode": "ar"},
+    "static": {"mode": "static"},
+    "formula": {"mode": "fastgrpo", "policy": "formula"},
+    "cost_model": {"mode": "fastgrpo", "policy": "cost_model"},
+}
+MODES = tuple(MODE_OVERRIDES)
+SPECULATIVE = ("static", "formula", "cost_model")
 
 
 def _measure(gen, prompts, params, seed: int) -> dict:
+    policy = getattr(gen.mode, "controller", None)
+    hist0 = len(getattr(policy, "history", []))
     t0 = time.perf_counter()
     out = gen.generate(prompts, params, torch.Generator().manual_seed(seed))
     dt = time.perf_counter() - t0
-    steps = [s for s in out.steps]
-    spec = [s for s in steps if s.n_verify > 1] or steps
+    steps = list(out.steps)
+    spec = [s for s in steps if s.n_verify > 1]
     w = sum(s.concurrency for s in spec) or 1
-    return {"time_s": dt, "tokens": out.num_tokens, "mean_accepted_len": out.mean_accepted_len,
-            "mean_n_verify": sum(s.n_verify * s.concurrency for s in spec) / w,
-            "mean_k": sum(s.k * s.concurrency for s in spec) / w,
-            "mean_depth": sum(s.depth * s.concurrency for s in spec) / w,
-            "ar_step_frac": sum(s.n_verify == 1 for s in steps) / max(len(steps), 1)}
+    n_spec = max(len(spec), 1)
+    res = {"time_s": dt, "tokens": out.num_tokens, "mean_accepted_len": out.mean_accepted_len,
+           "mean_tree_size": sum(s.n_verify * s.concurrency for s in spec) / w if spec else 1.0,
+           "mean_k": sum(s.k * s.concurrency for s in spec) / w,
+           "mean_depth": sum(s.depth * s.concurrency for s in spec) / w,
+           "ar_step_frac": sum(s.n_verify == 1 for s in steps) / max(len(steps), 1),
+           "draft_ms_per_spec_step": 1e3 * sum(s.draft_time_s for s in spec) / n_spec,
+           "verify_ms_per_spec_step": 1e3 * sum(s.verify_time_s for s in spec) / n_spec,
+           "ms_per_step": 1e3 * sum(s.draft_time_s + s.verify_time_s for s in steps) / max(len(steps), 1)}
+    hist = getattr(policy, "history", [])[hist0:]
+    if hist:  # the cost model's own prediction of this rollout's verification time
+        res["verify_predicted_over_measured"] = (sum(h["predicted_verify_s"] for h in hist)
+                                                 / max(sum(h["verify_s"] for h in hist), 1e-9))
+    return res
+
+
+def hf_generate(model, prompts, params: SamplingParams, seed: int, pad_id: int = 0) -> dict:
+    """transformers' ``generate`` (sampling with the same temperature/top-p, left padding)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    torch.manual_seed(seed)
+    stop = list(params.stop_token_ids)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=params.temperature,
+                             top_p=params.top_p, top_k=0, max_new_tokens=params.max_new_tokens,
+                             eos_token_id=stop or None, pad_token_id=pad_id)
+    dt = time.perf_counter() - t0
+    gen = out[:, width:].tolist()
+    tokens = 0
+    for row in gen:
+        n = len(row)
+        for j, t in enumerate(row):
+            if t in stop:
+                n = j + 1
+                break
+        tokens += n
+    return {"time_s": dt, "tokens": tokens}
 
 
 def compare_modes(model, draft, prompts, params, c_peak: int, repeats: int = 3, modes=MODES,
-                  rollout_cfg: RolloutConfig | None = None) -> dict:
+                  rollout_cfg: RolloutConfig | None = None, with_hf: bool = False) -> dict:
     base = rollout_cfg or RolloutConfig()
     runner = lambda b, n: HFTargetRunner(model, b, n)
     gens = {}
     for m in modes:
-        cfg = RolloutConfig(**{**base.__dict__, "mode": m})
+        cfg = dataclasses.replace(base, **MODE_OVERRIDES[m])
         gens[m] = build_generator(cfg, runner, draft, c_peak)
+        gens[m].group_prefill = m != "ar_row"
     runs: dict[str, list[dict]] = {m: [] for m in modes}
-    for m in modes:  # warm-up (allocations, lazy init)
+    for m in modes:  # warm-up (allocations, lazy init; the cost model's first measurements)
         _measure(gens[m], prompts[: min(len(prompts), 2)], params, 0)
+        _measure(gens[m], prompts, params, 1)
+    hf_runs = []
     for r in range(repeats):
         for m in modes:
             runs[m].append(_measure(gens[m], prompts, params, 1000 + r))
+        if with_hf:
+            hf_runs.append(hf_generate(model, prompts, params, 1000 + r))
     out = {}
     for m in modes:
         tps = [x["tokens"] / x["time_s"] for x in runs[m]]
+        keys = [k for k in runs[m][0] if k not in ("time_s", "tokens")]
         out[m] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps,
-                  **{k: statistics.median(x[k] for x in runs[m]) for k in
-                     ("mean_accepted_len", "mean_n_verify", "mean_k", "mean_depth", "ar_step_frac")}}
+                  **{k: statistics.median(x[k] for x in runs[m]) for k in keys}}
+    if hf_runs:
+        tps = [x["tokens"] / x["time_s"] for x in hf_runs]
+        out["hf_generate"] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps}
     ar = out.get("ar", {}).get("tokens_per_s")
-    for m in modes:
+    for m in out:
         out[m]["speedup_vs_ar"] = out[m]["tokens_per_s"] / ar if ar else None
+    row = out.get("ar_row", {}).get("tokens_per_s")
+    for m in out:
+        out[m]["speedup_vs_ar_row"] = out[m]["tokens_per_s"] / row if row else None
     return out
 
 
+def _line(res: dict) -> str:
+    return "  ".join(f"{m} {r['tokens_per_s']:.0f} tok/s ({r['speedup_vs_ar']:.2f}x"
+                     + (f", acc {r['mean_accepted_len']:.2f}, T {r['mean_tree_size']:.1f})" if m in SPECULATIVE else ")")
+                     for m, r in res.items())
+
+
 def bench_rollout(model, draft, tok, prompts_pool, c_peak: int, batch_sizes=(1, 2, 4, 8, 16, 32, 64),
-                  repeats: int = 3, max_new_tokens: int = 64, grpo_prompts: int = 4, group_size: int = 8,
-                  grpo_max_new_tokens: int = 128, say=print) -> dict:
+                  repeats: int = 3, max_new_tokens: int = 64, grpo_shapes=((4, 8), (16, 8)),
+                  grpo_max_new_tokens: int = 128, say=print, with_hf: bool = True) -> dict:
     params = SamplingParams(1.0, 0.95, 0, max_new_tokens, (tok.eos_token_id,))
-    by_mode: dict[str, dict] = {m: {"by_batch_size": {}} for m in MODES}
+    by_mode: dict[str, dict] = {m: {"by_batch_size": {}, "grpo": {}} for m in (*MODES, "hf_generate")}
     for b in batch_sizes:
-        res = compare_modes(model, draft, prompts_pool[:b], params, c_peak, repeats)
-        for m in MODES:
-            by_mode[m]["by_batch_size"][str(b)] = res[m]
-        say(f"batch {b:>3}: " + "  ".join(f"{m} {res[m]['tokens_per_s']:.0f} tok/s ({res[m]['speedup_vs_ar']:.2f}x, "
-                                          f"accept {res[m]['mean_accepted_len']:.2f})" for m in MODES))
-    grpo = [p for p in prompts_pool[:grpo_prompts] for _ in range(group_size)]
+        res = compare_modes(model, draft, prompts_pool[:b], params, c_peak, repeats, with_hf=with_hf)
+        for m, r in res.items():
+            by_mode[m]["by_batch_size"][str(b)] = r
+        say(f"batch {b:>3}: " + _line(res))
     gparams = SamplingParams(1.0, 0.95, 0, grpo_max_new_tokens, (tok.eos_token_id,))
-    res = compare_modes(model, draft, grpo, gparams, c_peak, repeats)
-    for m in MODES:
-        by_mode[m]["grpo_rollout"] = res[m]
-    say("GRPO-shaped rollout: " + "  ".join(f"{m} {res[m]['tokens_per_s']:.0f} tok/s ({res[m]['speedup_vs_ar']:.2f}x)"
-                                            for m in MODES))
-    return {"c_peak": c_peak, "repeats": repeats, "max_new_tokens": max_new_tokens, "modes": by_mode}
+    for p, g in grpo_shapes:
+        grpo = [pr for pr in prompts_pool[:p] for _ in range(g)]
+        res = compare_modes(model, draft, grpo, gparams, c_peak, repeats, with_hf=with_hf)
+        for m, r in res.items():
+            by_mode[m]["grpo"][f"{p}x{g}"] = r
+        say(f"GRPO {p}x{g}: " + _line(res))
+    return {"c_peak": c_peak, "repeats": repeats, "max_new_tokens": max_new_tokens,
+            "grpo_max_new_tokens": grpo_max_new_tokens, "modes": by_mode}
 
 
 def plot_speedup(result: dict, out: Path) -> Path:
@@ -88,15 +160,18 @@ def plot_speedup(result: dict, out: Path) -> Path:
     fig = Figure(figsize=(7, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for m, style in (("ar", "k--"), ("static", "o-"), ("fastgrpo", "s-")):
-        bs = result["modes"][m]["by_batch_size"]
+    styles = {"ar_row": "k:", "ar": "k--", "static": "o-", "formula": "s-", "cost_model": "D-", "hf_generate": "x:"}
+    for m, style in styles.items():
+        bs = result["modes"].get(m, {}).get("by_batch_size", {})
+        if not bs:
+            continue
         xs = [int(b) for b in bs]
         ax.plot(xs, [bs[str(x)]["speedup_vs_ar"] for x in xs], style, label=m)
     ax.set_xscale("log", base=2)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("batch size (concurrent sequences)")
     ax.set_ylabel("generation speedup vs AR")
-    ax.set_title(f"Rollout throughput vs AR (C_peak={result['c_peak']})")
+    ax.set_title(f"Rollout throughput vs AR (C_peak={result['c_peak']} for formula)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
