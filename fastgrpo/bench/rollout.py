@@ -118,11 +118,11 @@ def compare_modes(model, draft, prompts, params, c_peak: int, repeats: int = 3, 
         tps = [x["tokens"] / x["time_s"] for x in hf_runs]
         out["hf_generate"] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps}
     ar = out.get("ar", {}).get("tokens_per_s")
-    for m in out:
-        out[m]["speedup_vs_ar"] = out[m]["tokens_per_s"] / ar if ar else None
+    for r in out.values():
+        r["speedup_vs_ar"] = r["tokens_per_s"] / ar if ar else None
     row = out.get("ar_row", {}).get("tokens_per_s")
-    for m in out:
-        out[m]["speedup_vs_ar_row"] = out[m]["tokens_per_s"] / row if row else None
+    for r in out.values():
+        r["speedup_vs_ar_row"] = r["tokens_per_s"] / row if row else None
     return out
 
 
