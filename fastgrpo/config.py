@@ -254,6 +254,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.kind": ("synthetic", "gsm8k", "prompt_answer"),
     "data.long_prompt_policy": ("skip", "error"),
     "rollout.mode": ("ar", "static", "fastgrpo"),
+    "rollout.policy": ("cost_model", "formula"),
     "rollout.concurrency_aggregate": ("local", "mean", "max", "sum"),
     "draft.kind": ("eagle", "lm"),
     "algo.kl_estimator": ("k1", "k2", "k3"),

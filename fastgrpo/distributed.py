@@ -27,8 +27,11 @@ def is_main() -> bool:
 
 def init_from_env(backend: str = "auto", timeout_s: int = 1800) -> None:
     """Initialise the default group when launched by torchrun / the deepspeed launcher / srun
-    (RANK and WORLD_SIZE set). A no-op for a single process."""
-    if is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    (RANK and WORLD_SIZE set). A no-op for a single process. A launch environment that cannot
+    work (WORLD_SIZE > 1 without RANK / MASTER_ADDR, a non-integer) is a LaunchError naming it."""
+    from fastgrpo.launch import check_process_env
+
+    if is_initialized() or check_process_env(os.environ)["world_size"] <= 1:
         return
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"

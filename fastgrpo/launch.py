@@ -285,6 +285,48 @@ def export_lines(rdzv: Mapping[str, Any]) -> str:
     return "".join(f"export {k}={shlex.quote(str(rdzv[k]))}\n" for k in ENV_KEYS)
 
 
+# ---- the environment of one training process ---------------------------------------------------
+
+_HOW_TO_LAUNCH = ("start one process per rank with torchrun, the deepspeed launcher or srun + "
+                  "eval \"$(python -m fastgrpo.launch slurm-env)\" (they set RANK, LOCAL_RANK, MASTER_ADDR and "
+                  "MASTER_PORT), or unset WORLD_SIZE to run one process")
+
+
+def check_process_env(env: Mapping[str, str]) -> dict[str, int]:
+    """Validate the variables a training process reads (what torchrun / the deepspeed launcher /
+    ``slurm-env`` set) before anything is built; :class:`LaunchError` names the variable.
+
+    WORLD_SIZE, LOCAL_WORLD_SIZE and $FASTGRPO_PG_TIMEOUT_S must be integers >= 1 when set; with
+    WORLD_SIZE > 1, RANK (0..WORLD_SIZE-1), MASTER_ADDR and MASTER_PORT (1-65535) must be set and
+    LOCAL_RANK, when set, be >= 0. Returns ``{"world_size", "rank", "local_rank"}``.
+    """
+    def number(name: str, default: int, low: int) -> int:
+        if name not in env:
+            return default
+        value = _int(name, str(env[name]).strip())
+        if value < low:
+            raise LaunchError(f"{name}={value} must be >= {low}")
+        return value
+
+    world = number("WORLD_SIZE", 1, 1)
+    number("LOCAL_WORLD_SIZE", 1, 1)
+    number("FASTGRPO_PG_TIMEOUT_S", 1800, 1)
+    local_rank = number("LOCAL_RANK", 0, 0)
+    if world == 1:
+        return {"world_size": 1, "rank": number("RANK", 0, 0), "local_rank": local_rank}
+    missing = [n for n in ("RANK", "MASTER_ADDR", "MASTER_PORT") if _first(env, n) is None]
+    if missing:
+        raise LaunchError(f"WORLD_SIZE={world} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          f"not set: {_HOW_TO_LAUNCH}")
+    rank = number("RANK", 0, 0)
+    if rank >= world:
+        raise LaunchError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world})")
+    port = number("MASTER_PORT", 0, 1)
+    if port > 65535:
+        raise LaunchError(f"MASTER_PORT={port} is not a TCP port (1-65535)")
+    return {"world_size": world, "rank": rank, "local_rank": local_rank}
+
+
 # ---- DeepSpeed hostfiles -------------------------------------------------------------------------
 
 _HOST_RE = re.compile(r"[A-Za-z0-9_.:\-]+")

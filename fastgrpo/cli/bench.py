@@ -9,16 +9,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
 
 import torch
 
+from fastgrpo.cli.errors import ArgumentParser, cli_errors
 
+
+@cli_errors("fastgrpo-bench")
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="fastgrpo-bench", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="fastgrpo-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("part", choices=["rollout", "drift", "e2e", "zero", "dp-aggregate"], help="which benchmark")
     p.add_argument("--steps", type=int, default=20, help="GRPO steps (drift, e2e)")
     p.add_argument("--from-scratch", action="store_true",

@@ -18,6 +18,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from fastgrpo.cli.errors import ArgumentParser, cli_errors
 from fastgrpo.plan import (
     ARCH_PRESETS,
     GENERATION,
@@ -38,7 +39,7 @@ PHASES = ("persistent", "generation", "policy update", "draft update")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastgrpo-plan", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="fastgrpo-plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--model", default="llama3-70b",
@@ -195,13 +196,12 @@ def print_plan(plan: Plan, plain: bool = False, file=None) -> None:
                       soft_wrap=True)
 
 
+# Every ValueError of the paper plan is about its input (a layout that does not divide, a folder
+# without config.json): reported as one line, exit 2.
+@cli_errors("fastgrpo-plan", extra=(ValueError,))
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        plan = plan_from_args(args)
-    except ValueError as e:
-        print(f"fastgrpo-plan: {e}", file=sys.stderr)
-        return 2
+    plan = plan_from_args(args)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:

@@ -8,11 +8,12 @@ Then ``fastgrpo-train rollout=fastgrpo draft.init_path=drafts/qwen7b-eagle.pt``.
 
 from __future__ import annotations
 
-import argparse
+from fastgrpo.cli.errors import ArgumentParser, cli_errors
 
 
+@cli_errors("fastgrpo-pretrain-draft")
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="fastgrpo-pretrain-draft", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="fastgrpo-pretrain-draft", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="preset name or local HF folder (the target)")
     p.add_argument("--data", default=None, help="prompt file (.jsonl/.parquet); default: the synthetic task")
     p.add_argument("--data-kind", default="gsm8k", choices=["gsm8k", "prompt_answer"])

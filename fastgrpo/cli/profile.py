@@ -17,11 +17,12 @@ from collections.abc import Sequence
 
 import torch
 
+from fastgrpo.cli.errors import ArgumentParser, cli_errors
 from fastgrpo.rollout.profile import DEFAULT_CACHE_DIR
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastgrpo-profile", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="fastgrpo-profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="a preset name (tiny, small) or a local HF model folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -86,6 +87,7 @@ def print_profile(prof, console=None) -> None:
     console.print(f"pin it with rollout.c_peak={prof.c_peak}")
 
 
+@cli_errors("fastgrpo-profile")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
