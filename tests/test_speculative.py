@@ -199,3 +199,27 @@ def test_sampled_rollouts_are_the_same_function_of_the_seed_as_ar(model, mode):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     other = Generator(runner_factory(model), "ar").generate(prompts, params, torch.Generator().manual_seed(22))
     assert other.response_ids != ar.response_ids  # the seed does matter
+
+
+def test_draft_prefill_shared_by_a_prompt_group_equals_one_per_row(model, monkeypatch):
+    """EagleProposer.start computes the draft's prompt pairs once per distinct prompt and copies
+    the KV: the proposals equal those of a draft prefilled row by row."""
+    import fastgrpo.draft.proposer as proposer_mod
+    from fastgrpo.rollout.budget import Budget
+
+    draft = bad_draft(model, seed=4)
+    prompts = [[1, 2, 3, 4], [5, 6], [1, 2, 3, 4], [5, 6], [1, 2, 3, 4]]
+    runner = HFTargetRunner(model, len(prompts), 32)
+    _, hidden = runner.prefill(prompts)
+    first = torch.tensor([3, 4, 5, 6, 7])
+    budget = Budget(9, 3, 3)
+    grouped = EagleProposer(draft, len(prompts), 32, 9)
+    grouped.start(prompts, hidden, first)
+    t1 = grouped.propose(first, budget)
+    monkeypatch.setattr(proposer_mod, "group_prompts", lambda p: ([list(x) for x in p], torch.arange(len(p))))
+    rows = EagleProposer(draft, len(prompts), 32, 9)
+    rows.start(prompts, hidden, first)
+    t2 = rows.propose(first, budget)
+    assert torch.equal(t1.tokens, t2.tokens) and torch.equal(t1.parent, t2.parent)
+    torch.testing.assert_close(t1.score, t2.score, atol=1e-5, rtol=1e-5)
+    assert torch.equal(grouped.cache.lengths, rows.cache.lengths)

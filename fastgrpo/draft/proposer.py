@@ -12,6 +12,7 @@ import torch
 
 from fastgrpo.draft.eagle import EagleDraft
 from fastgrpo.rollout.budget import Budget
+from fastgrpo.rollout.generator import group_prompts
 from fastgrpo.rollout.hf_runner import RaggedKVCache, compact_rows
 from fastgrpo.rollout.tree import TreeBatch, select_tree
 
@@ -32,7 +33,12 @@ class EagleProposer:
     # ---- keeping in step with the target ---------------------------------------------------
     def start(self, prompts: list[list[int]], hidden: torch.Tensor, first_tokens: torch.Tensor) -> None:
         """Pending pairs for every prompt position: (h_i, x_{i+1}), the last one's token being the
-        first sampled token (the first root)."""
+        first sampled token (the first root). Rows that share a prompt (GRPO's G samples) share
+        the draft's prefill of its pairs but the last: computed once, then the KV is copied."""
+        unique, index = group_prompts(prompts)
+        if len(unique) < len(prompts) and min(len(p) for p in unique) > 1:
+            self._start_grouped(prompts, unique, index, hidden, first_tokens)
+            return
         b, width = len(prompts), hidden.shape[1]
         self.rows = self.cache.num_rows = b
         self.cache.lengths.zero_()
@@ -44,6 +50,27 @@ class EagleProposer:
         self.pend_h[:b, :width] = hidden
         self.pend_tok[:b, :width] = toks
         self.pend_len[:b] = lens
+
+    def _start_grouped(self, prompts, unique, index, hidden, first_tokens) -> None:
+        dev = hidden.device
+        u, b = len(unique), len(prompts)
+        first_row = torch.zeros(u, dtype=torch.long)
+        first_row.scatter_(0, index.flip(0), torch.arange(b - 1, -1, -1))  # first row of each prompt
+        ulens = torch.tensor([len(p) for p in unique], device=dev)
+        width = int(ulens.max()) - 1
+        self.rows = self.cache.num_rows = u
+        self.cache.lengths.zero_()
+        self.pend_h[:u, :width] = hidden[first_row.to(dev), :width]
+        for i, p in enumerate(unique):
+            self.pend_tok[i, : len(p) - 1] = torch.tensor(p[1:], dtype=torch.long)
+        self.pend_len[:u] = ulens - 1
+        self._catch_up()  # the shared pairs, once per distinct prompt
+        self.cache.repeat_rows(index.to(dev))
+        self.rows = b
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        self.pend_h[:b, 0] = hidden[torch.arange(b, device=dev), lens - 1]
+        self.pend_tok[:b, 0] = first_tokens.to(dev)
+        self.pend_len[:b] = 1
 
     def observe(self, hidden: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> None:
         """Queue (target hidden at each accepted node, the token emitted after it) per row."""
