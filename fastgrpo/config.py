@@ -256,7 +256,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.mode": ("ar", "static", "fastgrpo"),
     "rollout.policy": ("cost_model", "formula"),
     "rollout.concurrency_aggregate": ("local", "mean", "max", "sum"),
-    "draft.kind": ("eagle", "lm"),
+    "draft.kind": ("eagle", "lm", "suffix", "hybrid"),
     "algo.kl_estimator": ("k1", "k2", "k3"),
     "algo.loss_agg": ("token_mean", "seq_mean", "dr_grpo"),
     "optim.schedule": ("constant", "cosine"),

@@ -111,6 +111,7 @@ class GRPOTrainer:
                                       c_peak_fn=self._resolve_c_peak)
         self.placement, self.draft, self.draft_learner, self.generator = \
             rc.placement, rc.draft, rc.learner, rc.generator
+        self.budget_policy = rc.budget_policy
         self.scorer = RewardScorer(cfg.reward)
         self.accuracy_fn = get_reward_fn("accuracy")
         stops = stop_token_ids(self.tokenizer, self.model)
@@ -241,6 +242,8 @@ class GRPOTrainer:
         # The draft learns from every rollout (zero-reward ones too), on the hidden states that
         # verification already computed: no extra target pass.
         draft_metrics = self.draft_learner.update(sequences_from_rollouts(rollouts)) if self.draft_learner else {}
+        if self.budget_policy is not None:  # the cost model's calibration (predicted / measured time)
+            draft_metrics = {**draft_metrics, **self.budget_policy.pop_metrics()}
         draft_metrics = self.placement.from_lead(draft_metrics)
         t_draft = time.perf_counter()
 
@@ -358,6 +361,9 @@ class GRPOTrainer:
         draft = self.placement.to_rank0(draft)  # the draft may live on other ranks than rank 0
         if draft is not None:
             state["draft"] = draft
+        policy = self.placement.to_rank0(self.budget_policy.state_dict() if self.budget_policy else None)
+        if policy is not None:  # the cost model's latency curves and acceptance calibration
+            state["budget_policy"] = policy
         if self.world > 1:  # each rank keeps its own sampling stream
             state["rng_per_rank"] = dist_utils.all_gather_objects(state["rng"])
         # Rank 0 owns the folder; every rank writes its part (gathered HF weights, ZeRO shards) and
@@ -432,6 +438,8 @@ class GRPOTrainer:
                 self.draft_learner.load_state_dict(state["draft"])
             else:
                 self.draft.load_state_dict(state["draft"]["draft"])
+        if self.budget_policy is not None and "budget_policy" in state:
+            self.budget_policy.load_state_dict(state["budget_policy"])
         self._say(f"resumed from {path} at step {self.step}")
 
     # ---- helpers ---------------------------------------------------------------------------

@@ -357,3 +357,13 @@ def test_cost_model_resume_reproduces_rollouts_and_draft(tmp_path):
         # Features come from whichever forward verified a token (tree or AR): equal to round-off.
         for key in ("train/loss", "draft/loss"):
             assert again[step][key] == pytest.approx(hist[step][key], rel=1e-4, abs=1e-6), (step, key)
+        assert again[step]["rollout/cost_model_predicted_over_measured"] > 0
+    # The policy's calibration is checkpointed with the draft and resumed from, not relearned.
+    saved = torch.load(tmp_path / "b" / "run" / "checkpoints" / "step_00000002" / "trainer_state.pt",
+                       weights_only=True)["budget_policy"]
+    from fastgrpo.rollout.cost_model import AcceptanceModel
+
+    prior = AcceptanceModel(max_depth=resumed.budget_policy.acceptance.max_depth).tot.sum()
+    seen = saved["acceptance"]["tot"].sum() - prior
+    assert seen > 0  # verified nodes were counted before the checkpoint
+    assert resumed.budget_policy.acceptance.tot.sum() > saved["acceptance"]["tot"].sum()

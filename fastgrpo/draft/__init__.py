@@ -16,13 +16,15 @@ from fastgrpo.draft.learner import (
     sequences_from_rollouts,
 )
 
-DRAFT_KINDS = ("eagle", "lm")  # lm: an independent small causal LM (fastgrpo.draft.lm)
+# lm: an independent small causal LM (fastgrpo.draft.lm); suffix: the prompt group's own text and
+# earlier rollouts, no model (fastgrpo.draft.suffix); hybrid: EAGLE and suffix nodes in one tree.
+DRAFT_KINDS = ("eagle", "lm", "suffix", "hybrid")
 
 
 def build_draft(cfg: DraftConfig, target: torch.nn.Module, heads=None) -> EagleDraft:
     if cfg.kind not in DRAFT_KINDS:
         raise ValueError(f"draft.kind={cfg.kind!r}: choose one of {DRAFT_KINDS}")
-    if cfg.kind != "eagle":
+    if cfg.kind not in ("eagle", "hybrid"):
         raise ValueError(f"draft.kind={cfg.kind!r} is built by build_draft_components(cfg, target, tokenizer)")
     draft = EagleDraft(target, heads)
     if cfg.init_path:
@@ -56,12 +58,22 @@ def build_draft_components(cfg: DraftConfig, target: torch.nn.Module, tokenizer=
     ``group``: the process group the learner sums the draft's gradients over (None: all ranks)."""
     if cfg.kind not in DRAFT_KINDS:
         raise ValueError(f"draft.kind={cfg.kind!r}: choose one of {DRAFT_KINDS}")
-    if cfg.kind == "eagle":
+    if cfg.kind in ("suffix", "hybrid"):
+        from fastgrpo.draft.suffix import HybridProposer, SuffixProposer, SuffixStore
+
+        store = SuffixStore()  # earlier rollouts per prompt, shared by every rollout of this run
+        if cfg.kind == "suffix":
+            dev = next(target.parameters()).device
+            return None, (lambda b, max_len, slots: SuffixProposer(b, store, device=dev)), None
+    if cfg.kind in ("eagle", "hybrid"):
         from fastgrpo.draft.proposer import EagleProposer
 
         draft = build_draft(cfg, target, heads)
         learner = (DraftLearner(draft, lr=cfg.lr, weight_decay=cfg.weight_decay, token_budget=cfg.token_budget,
                                 group=group) if cfg.online else None)
+        if cfg.kind == "hybrid":
+            return draft, (lambda b, max_len, slots: HybridProposer(EagleProposer(draft, b, max_len, slots),
+                                                                    SuffixProposer(b, store))), learner
         return draft, (lambda b, max_len, slots: EagleProposer(draft, b, max_len, slots)), learner
     from fastgrpo.draft.lm import LMDraftLearner, LMProposer, build_lm_draft
 

@@ -35,54 +35,74 @@ PROB_EDGES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95
 
 class LatencyCurve:
     """seconds(tokens): one running (tokens, seconds) point per power-of-two bucket of token
-    counts, linear between points, flat-or-rising beyond them."""
+    counts, linear between points, rising beyond them at the last segment's slope.
+
+    A seed (the profiler's sweep) gives the curve's shape where nothing was measured yet, scaled
+    by how measured steps compare with it (the machine may be busier or the KV longer than when
+    it was profiled), so measured and seeded buckets stay on one scale."""
 
     def __init__(self, points: list[tuple[float, float]] | None = None, ema: float = 0.2, buckets: int = 16):
         self.ema = ema
         self.n = [0.0] * buckets
         self.t = [0.0] * buckets
         self.seen = [0] * buckets
-        for n, t in points or []:
-            self.update(n, t, weight=1.0)
+        self.seed: list[tuple[float, float]] = sorted((float(n), float(t)) for n, t in points or [] if t > 0)
+        self.scale = 1.0  # measured / seeded seconds (EMA)
 
     @staticmethod
     def _bucket(n: float, buckets: int) -> int:
         return min(max(int(math.log2(max(n, 1.0))), 0), buckets - 1)
 
-    def update(self, tokens: float, seconds: float, weight: float | None = None) -> None:
+    def update(self, tokens: float, seconds: float) -> None:
         if not (seconds > 0 and math.isfinite(seconds)):
             return
+        if self.seed:
+            ratio = seconds / max(_interpolate(self.seed, tokens), 1e-12)
+            self.scale = ratio if not any(self.seen) else self.scale + self.ema * (ratio - self.scale)
         k = self._bucket(tokens, len(self.n))
-        w = 1.0 if self.seen[k] == 0 else (self.ema if weight is None else weight)
+        w = 1.0 if self.seen[k] == 0 else self.ema
         self.n[k] += w * (tokens - self.n[k])
         self.t[k] += w * (seconds - self.t[k])
         self.seen[k] += 1
 
     @property
     def known(self) -> bool:
-        return any(self.seen)
+        return bool(self.seed) or any(self.seen)
+
+    def points(self) -> list[tuple[float, float]]:
+        measured = {self._bucket(n, len(self.n)): (n, t) for n, t, s in zip(self.n, self.t, self.seen) if s}
+        seeded = {self._bucket(n, len(self.n)): (n, t * self.scale) for n, t in self.seed}
+        return sorted({**seeded, **measured}.values())
 
     def predict(self, tokens: float) -> float:
-        pts = sorted((n, t) for n, t, s in zip(self.n, self.t, self.seen) if s)
+        pts = self.points()
         if not pts:
             return 0.0
         if len(pts) == 1:  # one point: assume cost grows like sqrt(tokens) past it (a soft knee)
             n0, t0 = pts[0]
             return t0 * math.sqrt(max(tokens, 1.0) / n0) if tokens > n0 else t0
-        if tokens <= pts[0][0]:
-            return pts[0][1]
-        for (n0, t0), (n1, t1) in itertools.pairwise(pts):
-            if tokens <= n1:
-                return t0 + (t1 - t0) * (tokens - n0) / max(n1 - n0, 1e-9)
-        (n0, t0), (n1, t1) = pts[-2], pts[-1]
-        slope = max((t1 - t0) / max(n1 - n0, 1e-9), 0.0)
-        return t1 + slope * (tokens - n1)
+        return _interpolate(pts, tokens)
 
     def state_dict(self) -> dict:
-        return {"n": list(self.n), "t": list(self.t), "seen": list(self.seen)}
+        return {"n": list(self.n), "t": list(self.t), "seen": list(self.seen),
+                "seed": [list(p) for p in self.seed], "scale": self.scale}
 
     def load_state_dict(self, s: dict) -> None:
         self.n, self.t, self.seen = list(s["n"]), list(s["t"]), list(s["seen"])
+        self.seed, self.scale = [tuple(p) for p in s.get("seed", [])], float(s.get("scale", 1.0))
+
+
+def _interpolate(pts: list[tuple[float, float]], tokens: float) -> float:
+    """Piecewise linear through sorted (tokens, seconds) points; flat below the first, the last
+    segment's (non-negative) slope beyond the last."""
+    if len(pts) == 1 or tokens <= pts[0][0]:
+        return pts[0][1]
+    for (n0, t0), (n1, t1) in itertools.pairwise(pts):
+        if tokens <= n1:
+            return t0 + (t1 - t0) * (tokens - n0) / max(n1 - n0, 1e-9)
+    (n0, t0), (n1, t1) = pts[-2], pts[-1]
+    slope = max((t1 - t0) / max(n1 - n0, 1e-9), 0.0)
+    return t1 + slope * (tokens - n1)
 
 
 class AcceptanceModel:
@@ -181,6 +201,7 @@ class CostModelPolicy:
         self.last_budget: Budget | None = None
         self.last_prediction: dict | None = None
         self.history: list[dict] = []  # per step: predicted vs measured seconds (for plots)
+        self._sums = [0.0, 0.0, 0]  # predicted s, measured s, speculative steps (pop_metrics)
 
     # -- BudgetController's interface ------------------------------------------------------
     def needs_peers(self) -> bool:
@@ -225,6 +246,7 @@ class CostModelPolicy:
         E[tokens] / (draft time + c(B*T)); T = 1 is an AR step with the drafted root."""
         self.draft.update(b * max(self.k, 1), draft_s / max(self.depth, 1))
         p_node = self.acceptance.prob(tree.depth[:, 1:], tree.score[:, 1:])  # [B, T-1]
+        p_node = torch.where(tree.score[:, 1:].isfinite().cpu(), p_node, 0.0)  # padding nodes
         order = tree.score[:, 1:].argsort(dim=1, descending=True).cpu()
         cum = p_node.gather(1, order).cumsum(1)
         gain = torch.cat([torch.ones(1), 1.0 + cum.mean(0)])  # per row, trees of 1..T nodes
@@ -236,7 +258,8 @@ class CostModelPolicy:
         self.last_prediction = {"t": t_best, "verify_s": float(self.target.predict(b * t_best)),
                                 "tokens": float(b * g[t_best - 1]), "draft_s": draft_s}
         chosen = prune_tree(tree, t_best - 1)
-        self._adapt_shape(chosen, t_best)
+        if bool(tree.score[:, 1:].isfinite().any()):  # a proposal with no nodes says nothing of shape
+            self._adapt_shape(chosen, t_best)
         return chosen
 
     def _adapt_shape(self, chosen, t_best: int) -> None:
@@ -252,16 +275,29 @@ class CostModelPolicy:
         t = 1 if tree is None else tree.size
         self.target.update(b * t, verify_s)
         pred = self.last_prediction if tree is not None else None
-        self.history.append({"rows": b, "tree": t, "verify_s": verify_s,
-                             "predicted_verify_s": pred["verify_s"] if pred else self.target.predict(b * t)})
+        predicted = pred["verify_s"] if pred else self.target.predict(b * t)
+        self.history.append({"rows": b, "tree": t, "verify_s": verify_s, "predicted_verify_s": predicted})
+        if len(self.history) > 20000:  # bounded: the newest half is enough for plots and benchmarks
+            del self.history[:10000]
+        self._sums = [self._sums[0] + predicted, self._sums[1] + verify_s, self._sums[2] + (t > 1)]
         if tree is None or t == 1:
             return
         on_path = torch.zeros(tree.tokens.shape, dtype=torch.bool, device=path.device)
         steps = torch.arange(path.shape[1], device=path.device).unsqueeze(0) < path_len.unsqueeze(1)
         rows = torch.arange(b, device=path.device).unsqueeze(1).expand_as(path)
         on_path[rows[steps], path[steps]] = True
-        self.acceptance.update(tree.depth[:, 1:].reshape(-1), tree.score[:, 1:].reshape(-1),
-                               on_path[:, 1:].reshape(-1))
+        real = tree.score[:, 1:].reshape(-1).isfinite()  # not padding
+        self.acceptance.update(tree.depth[:, 1:].reshape(-1)[real], tree.score[:, 1:].reshape(-1)[real],
+                               on_path[:, 1:].reshape(-1)[real])
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Since the last call: the cost model's predicted over measured verification time (its
+        calibration: 1.0 is perfect) and the number of speculative steps."""
+        pred, meas, spec = self._sums
+        self._sums = [0.0, 0.0, 0]
+        # Always the same keys (mean_metrics is a collective over ranks).
+        return {"rollout/cost_model_predicted_over_measured": pred / meas if meas > 0 else 1.0,
+                "rollout/cost_model_spec_steps": float(spec)}
 
     def state_dict(self) -> dict:
         return {"target": self.target.state_dict(), "draft": self.draft.state_dict(),

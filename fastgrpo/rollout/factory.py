@@ -67,6 +67,9 @@ class RolloutComponents:
     draft: torch.nn.Module | None  # None on ranks that hold no draft (and in mode ar)
     learner: Any  # the online draft learner, or None
     generator: Any  # what to call generate(prompts, params, rng) on: every rank has one
+    # The budget policy behind the lead's Generator, when it has state worth checkpointing (the
+    # cost model's latency curves and acceptance calibration), else None.
+    budget_policy: Any = None
 
 
 def build_rollout_components(cfg: RolloutConfig, draft_cfg: DraftConfig, backend, model, tokenizer,
@@ -92,9 +95,11 @@ def build_rollout_components(cfg: RolloutConfig, draft_cfg: DraftConfig, backend
                                                                       group=placement.group)
         if cfg.mode == "fastgrpo" and cfg.policy == "formula":
             c_peak = cfg.c_peak if c_peak_fn is None else c_peak_fn()
-    generator = None
+    generator = policy = None
     if placement.lead:
         generator = build_generator(cfg, backend.target_runner, draft, c_peak, proposer_factory=proposer_factory,
                                     group=placement.group)
         generator.capture_features = learner is not None
-    return RolloutComponents(placement, draft, learner, placement.generator(generator))
+        policy = getattr(generator.mode, "controller", None)
+        policy = policy if hasattr(policy, "state_dict") else None
+    return RolloutComponents(placement, draft, learner, placement.generator(generator), policy)

@@ -1,7 +1,8 @@
 """Token trees: EAGLE-2 style candidate selection and lossless verification (pure functions).
 
 A tree per row has T nodes; node 0 is the root (the last emitted token, not yet in the target's
-cache). ``parent[b, i] < i`` for i > 0 (parents come first), ``parent[b, 0] = 0``.
+cache). ``parent[b, i] < i`` for i > 0 (parents come first), ``parent[b, 0] = 0``; a padding node
+is its own parent (nothing reaches it: ``walk_tree`` follows parent links from the root).
 
 Verification is the exact rule for deterministic, distinct children (DESIGN.md 3): sample one
 token per node from the target's processed distribution at that node, follow the child whose
