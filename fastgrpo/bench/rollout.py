@@ -6,7 +6,9 @@ Modes (``MODES``; each a RolloutConfig override):
 - ``ar``: AR with one prefill per distinct prompt (GRPO's G rows share it);
 - ``static``: a fixed EAGLE-2 tree every step (the baseline users pick today);
 - ``formula``: the paper's N = C_peak // B budget;
-- ``cost_model``: the tree size with the most expected tokens per second, AR when nothing pays.
+- ``cost_model``: the tree size with the most expected tokens per second, AR when nothing pays;
+- ``cost_model+suffix`` / ``cost_model+hybrid``: the same with the sibling draft (suffix index
+  over the prompt group's text, no model) or EAGLE and sibling nodes in one tree.
 Plus ``hf_generate`` (transformers' ``generate``, sampling, left-padded batch) as the reference
 many users know. Modes are interleaved within each repeat and every ratio is taken within this
 one run (median of the repeats), because shared machines drift."""
@@ -31,9 +33,24 @@ MODE_OVERRIDES: dict[str, dict] = {
     "static": {"mode": "static"},
     "formula": {"mode": "fastgrpo", "policy": "formula"},
     "cost_model": {"mode": "fastgrpo", "policy": "cost_model"},
+    "cost_model+suffix": {"mode": "fastgrpo", "policy": "cost_model", "draft": "suffix"},
+    "cost_model+hybrid": {"mode": "fastgrpo", "policy": "cost_model", "draft": "hybrid"},
 }
 MODES = tuple(MODE_OVERRIDES)
-SPECULATIVE = ("static", "formula", "cost_model")
+SPECULATIVE = tuple(m for m in MODES if m not in ("ar_row", "ar"))
+
+
+def _proposer_factory(kind: str | None, draft):
+    """Sibling drafts for the benchmark: a fresh store per rollout (siblings only; earlier
+    rollouts of the same prompts with the same policy would flatter it)."""
+    if kind is None:
+        return None
+    from fastgrpo.draft.proposer import EagleProposer
+    from fastgrpo.draft.suffix import HybridProposer, SuffixProposer
+
+    if kind == "suffix":
+        return lambda b, m, s: SuffixProposer(b)
+    return lambda b, m, s: HybridProposer(EagleProposer(draft, b, m, s), SuffixProposer(b))
 
 
 def _measure(gen, prompts, params, seed: int) -> dict:
@@ -95,8 +112,10 @@ def compare_modes(model, draft, prompts, params, c_peak: int, repeats: int = 3, 
     runner = lambda b, n: HFTargetRunner(model, b, n)
     gens = {}
     for m in modes:
-        cfg = dataclasses.replace(base, **MODE_OVERRIDES[m])
-        gens[m] = build_generator(cfg, runner, draft, c_peak)
+        over = dict(MODE_OVERRIDES[m])
+        factory = _proposer_factory(over.pop("draft", None), draft)
+        cfg = dataclasses.replace(base, **over)
+        gens[m] = build_generator(cfg, runner, draft, c_peak, proposer_factory=factory)
         gens[m].group_prefill = m != "ar_row"
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for m in modes:  # warm-up (allocations, lazy init; the cost model's first measurements)
@@ -160,7 +179,8 @@ def plot_speedup(result: dict, out: Path) -> Path:
     fig = Figure(figsize=(7, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    styles = {"ar_row": "k:", "ar": "k--", "static": "o-", "formula": "s-", "cost_model": "D-", "hf_generate": "x:"}
+    styles = {"ar_row": "k:", "ar": "k--", "static": "o-", "formula": "s-", "cost_model": "D-",
+              "cost_model+suffix": "^-", "cost_model+hybrid": "v-", "hf_generate": "x:"}
     for m, style in styles.items():
         bs = result["modes"].get(m, {}).get("by_batch_size", {})
         if not bs:
