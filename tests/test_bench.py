@@ -47,3 +47,20 @@ def test_pretrain_draft_cli_writes_a_loadable_draft(tmp_path, monkeypatch):
     saved = torch.load(out, weights_only=True)
     assert saved["meta"] == {"kind": "eagle", "hidden_size": 256, "vocab_size": model.config.vocab_size}
     assert all(torch.equal(v, saved["draft"][k]) for k, v in draft.state_dict().items())
+
+
+def test_e2e_modes_interleaved_take_the_same_updates(tmp_path, monkeypatch):
+    """fastgrpo-bench e2e: every mode samples the same tokens for the same seeds (one uniform per
+    response position), so interleaved runs see the same rewards step by step; the JSON has the
+    fields the README lists and the Amdahl bound."""
+    from fastgrpo.bench.training import bench_e2e, plot_e2e
+
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    res = bench_e2e("tiny", None, tmp_path, steps=2, c_peak=16, modes=("ar", "cost_model+suffix"), skip=1,
+                    say=lambda *a: None)
+    ar, sfx = res["modes"]["ar"], res["modes"]["cost_model+suffix"]
+    assert ar["reward"] == sfx["reward"]
+    assert ar["speedup_vs_ar"] == 1.0 and sfx["speedup_vs_ar"] > 0 and res["e2e_bound"] > 1.0
+    assert 0 < ar["generation_share"] < 1 and sfx["draft_update_share"] >= 0
+    assert plot_e2e(res, tmp_path / "e2e.png").read_bytes()[:4] == b"\x89PNG"

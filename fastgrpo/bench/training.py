@@ -92,31 +92,66 @@ def bench_drift(target_folder: Path, draft_init: str | None, out_dir: Path, step
             "probe_tree": PROBE_TREE}
 
 
+E2E_MODES: dict[str, dict] = {
+    "ar": {"rollout.mode": "ar"},
+    "static": {"rollout.mode": "static", "draft.online": False},
+    "formula": {"rollout.mode": "fastgrpo", "rollout.policy": "formula"},
+    "cost_model": {"rollout.mode": "fastgrpo", "rollout.policy": "cost_model"},
+    "cost_model+suffix": {"rollout.mode": "fastgrpo", "rollout.policy": "cost_model", "draft.kind": "suffix"},
+    "cost_model+hybrid": {"rollout.mode": "fastgrpo", "rollout.policy": "cost_model", "draft.kind": "hybrid"},
+}
+
+
 def bench_e2e(target_folder: Path, draft_init: str, out_dir: Path, steps: int, c_peak: int,
-              modes=("ar", "static", "fastgrpo"), skip: int = 1, say=print) -> dict:
-    """GRPO step time per mode over the same steps and seeds (the first ``skip`` steps are
-    warm-up). fastgrpo learns its draft online; static uses the same initial draft, frozen
+              modes=("ar", "formula", "cost_model", "cost_model+suffix", "cost_model+hybrid"), skip: int = 1,
+              say=print) -> dict:
+    """GRPO step time per mode over the same steps and seeds, modes interleaved step by step
+    (the first ``skip`` steps are warm-up). Every mode samples the same tokens (one uniform per
+    response position), so every run takes the same updates: the step times compare like for
+    like. Speculative modes learn their draft online; ``static`` uses the initial draft, frozen
     (the baseline as users run it today)."""
     from fastgrpo.trainer import GRPOTrainer
 
+    trainers = {}
+    for mode in modes:
+        cfg = bench_config(target_folder, out_dir / f"e2e_{mode}", "ar", steps, c_peak, draft_init)
+        for key, value in E2E_MODES[mode].items():
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
+        if cfg.draft.kind == "suffix":
+            cfg.draft.init_path = None
+        trainers[mode] = GRPOTrainer(cfg)
+        trainers[mode]._prepare_reference()
+    hist: dict[str, list[dict]] = {m: [] for m in modes}
+    for step in range(steps):
+        for mode in modes:
+            hist[mode].append(trainers[mode].train_step())
+        say(f"step {step + 1}: " + "  ".join(f"{m} {hist[m][-1]['time/step_s']:.2f}s" for m in modes))
     res = {}
     for mode in modes:
-        cfg = bench_config(target_folder, out_dir / f"e2e_{mode}", mode, steps, c_peak, draft_init,
-                           online=(mode == "fastgrpo"))
-        trainer = GRPOTrainer(cfg)
-        trainer._prepare_reference()
-        hist = [trainer.train_step() for _ in range(steps)][skip:]
-        step_t = statistics.median(h["time/step_s"] for h in hist)
+        h = hist[mode][skip:]
+        step_t = statistics.median(x["time/step_s"] for x in h)
         res[mode] = {"step_time_s": step_t,
-                     "generation_time_s": statistics.median(h["time/generation_s"] for h in hist),
-                     "draft_update_share": statistics.median(h["time/draft_s"] / h["time/step_s"] for h in hist),
-                     "mean_accepted_len": statistics.mean(h["rollout/mean_accepted_len"] for h in hist),
-                     "reward": statistics.mean(h["reward/mean"] for h in hist)}
-        say(f"{mode:>9}: step {step_t:.2f}s  accept {res[mode]['mean_accepted_len']:.2f}  "
-            f"draft update {100 * res[mode]['draft_update_share']:.1f}% of the step")
+                     "generation_time_s": statistics.median(x["time/generation_s"] for x in h),
+                     "generation_share": statistics.median(x["time/generation_share"] for x in h),
+                     "draft_update_share": statistics.median(x["time/draft_s"] / x["time/step_s"] for x in h),
+                     "mean_accepted_len": statistics.mean(x["rollout/mean_accepted_len"] for x in h),
+                     "reward": statistics.mean(x["reward/mean"] for x in h)}
     for mode in modes:
-        res[mode]["speedup_vs_ar"] = res["ar"]["step_time_s"] / res[mode]["step_time_s"] if "ar" in res else None
-    return {"modes": res, "steps": steps, "c_peak": c_peak}
+        r = res[mode]
+        r["speedup_vs_ar"] = res["ar"]["step_time_s"] / r["step_time_s"] if "ar" in res else None
+        r["generation_speedup_vs_ar"] = (res["ar"]["generation_time_s"] / r["generation_time_s"]
+                                         if "ar" in res else None)
+        say(f"{mode:>18}: step {r['step_time_s']:.2f}s ({r['speedup_vs_ar']:.2f}x)  generation "
+            f"{r['generation_time_s']:.2f}s ({r['generation_speedup_vs_ar']:.2f}x)  accept {r['mean_accepted_len']:.2f}"
+            f"  draft update {100 * r['draft_update_share']:.1f}% of the step")
+    out = {"modes": res, "steps": steps, "c_peak": c_peak}
+    if "ar" in res:
+        # Amdahl: with generation infinitely fast the step would still take the rest.
+        out["e2e_bound"] = 1.0 / max(1.0 - res["ar"]["generation_share"], 1e-9)
+        say(f"bound on the end-to-end speedup (AR generation share {res['ar']['generation_share']:.2f}): "
+            f"{out['e2e_bound']:.2f}x")
+    return out
 
 
 def plot_drift(result: dict, out: Path) -> Path:
@@ -146,7 +181,8 @@ def plot_e2e(result: dict, out: Path) -> Path:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     modes = list(result["modes"])
-    ax.bar(modes, [result["modes"][m]["step_time_s"] for m in modes], color=["grey", "tab:orange", "tab:blue"][: len(modes)])
+    ax.bar(modes, [result["modes"][m]["step_time_s"] for m in modes], color=[f"C{i}" for i in range(len(modes))])
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     for i, m in enumerate(modes):
         ax.text(i, result["modes"][m]["step_time_s"], f"{result['modes'][m]['speedup_vs_ar']:.2f}x", ha="center",
                 va="bottom")
