@@ -171,26 +171,32 @@ def tree_from_paths(roots: torch.Tensor, tries: list[list[tuple[tuple[int, ...],
         best = [(p, s) for p, s in best if all(p[:k] in keep for k in range(1, len(p)))]
         chosen.append(sorted(best, key=lambda ps: (len(ps[0]), ps[0])))
     t = 1 + max((len(c) for c in chosen), default=0)
-    tokens = torch.zeros(b, t, dtype=torch.long)
-    parent = torch.zeros(b, t, dtype=torch.long)
-    depth = torch.zeros(b, t, dtype=torch.long)
-    score = torch.full((b, t), float("-inf"))
-    score[:, 0] = 0.0
-    tokens[:, 0] = roots.cpu()
+    root_list = roots.tolist()
+    tokens, parent, depth, score = [], [], [], []
     for r, nodes in enumerate(chosen):
         node_of = {(): 0}
+        tok_r, par_r, dep_r, sc_r = [root_list[r]], [0], [0], [0.0]
         for i, (path, s) in enumerate(nodes, start=1):
             node_of[path] = i
-            tokens[r, i] = path[-1]
-            parent[r, i] = node_of[path[:-1]]
-            depth[r, i] = len(path)
-            score[r, i] = s
+            tok_r.append(path[-1])
+            par_r.append(node_of[path[:-1]])
+            dep_r.append(len(path))
+            sc_r.append(s)
         for i in range(len(nodes) + 1, t):  # padding: its own parent, so no walk reaches it
-            parent[r, i] = i
-            depth[r, i] = 1
-    mask = ancestor_mask(parent, int(depth.max()) if t > 1 else 0)
+            tok_r.append(0)
+            par_r.append(i)
+            dep_r.append(1)
+            sc_r.append(float("-inf"))
+        tokens.append(tok_r)
+        parent.append(par_r)
+        depth.append(dep_r)
+        score.append(sc_r)
     dev = roots.device
-    return TreeBatch(tokens.to(dev), parent.to(dev), depth.to(dev), mask.to(dev), score.to(dev))
+    parent_t = torch.tensor(parent, dtype=torch.long, device=dev)
+    depth_t = torch.tensor(depth, dtype=torch.long, device=dev)
+    mask = ancestor_mask(parent_t, int(depth_t.max()) if t > 1 else 0)
+    return TreeBatch(torch.tensor(tokens, dtype=torch.long, device=dev), parent_t, depth_t, mask,
+                     torch.tensor(score, dtype=torch.float32, device=dev))
 
 
 class HybridProposer:
