@@ -100,9 +100,9 @@ def test_policy_picks_the_tree_size_with_most_tokens_per_second():
     # gain(T) = 1 + 0.5 (T-1); rate(T) = 2 gain / c(2T): T=4 -> 2*2.5/1.0 = 5.0, T=5 -> 2*3/1.5 = 4.0
     assert chosen.size == 4
     assert abs(pol.gain[3] - 2.5) < 1e-6
-    # The next budget: speculate (predicted 5.0 tok/s vs AR's 2/1.0), as wide as the tree needs
+    # The next budget: speculate (predicted 5.0 tok/s vs AR's 2/1.0), no wider or deeper than the tree used
     b = pol.budget(2)
-    assert b.speculative and b.k == 3 and b.depth <= 3
+    assert b.speculative and 1 <= b.k <= 3 and 1 <= b.depth <= 3
     # AR wins when every extra token is expensive
     pol2 = CostModelPolicy(CostModelParams(t_max=12, k_max=3, l_max=3, probe_every=100),
                            target=LatencyCurve([(1, 1.0), (2, 3.0), (64, 100.0)]))

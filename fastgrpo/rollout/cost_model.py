@@ -69,6 +69,13 @@ class LatencyCurve:
     def known(self) -> bool:
         return bool(self.seed) or any(self.seen)
 
+    def measured(self, tokens: float) -> bool:
+        """Whether a prediction for this many tokens interpolates measured or seeded points (not
+        an extrapolation below or above all of them)."""
+        known = [self._bucket(n, len(self.n)) for n, _ in self.points()]
+        k = self._bucket(tokens, len(self.n))
+        return bool(known) and min(known) <= k <= max(known)
+
     def points(self) -> list[tuple[float, float]]:
         measured = {self._bucket(n, len(self.n)): (n, t) for n, t, s in zip(self.n, self.t, self.seen) if s}
         seeded = {self._bucket(n, len(self.n)): (n, t * self.scale) for n, t in self.seed}
@@ -223,6 +230,8 @@ class CostModelPolicy:
         spec = Budget(p.t_max, self.k, self.depth)
         if self.gain is None or not self.target.known:
             out = spec  # nothing measured yet: draft once to learn
+        elif not self.target.measured(b):
+            out = AR_BUDGET  # measure what AR costs at this concurrency before trying to beat it
         else:
             ar_rate = b / max(self.target.predict(b), 1e-9)
             d = self._draft_cost(b, self.k, self.depth)
@@ -259,15 +268,32 @@ class CostModelPolicy:
                                 "tokens": float(b * g[t_best - 1]), "draft_s": draft_s}
         chosen = prune_tree(tree, t_best - 1)
         if bool(tree.score[:, 1:].isfinite().any()):  # a proposal with no nodes says nothing of shape
-            self._adapt_shape(chosen, t_best)
+            self._adapt_shape(chosen, b, float(rate[t_best - 1]))
         return chosen
 
-    def _adapt_shape(self, chosen, t_best: int) -> None:
-        """The next draft: one level deeper than this step's chosen trees reached (room to grow),
-        and no wider than the chosen size needs."""
-        used = int(chosen.depth.max()) if chosen.size > 1 else 0
-        self.depth = min(max(used + 1, 1), self.params.l_max)
-        self.k = min(max(t_best - 1, 1), self.params.k_max)
+    def _adapt_shape(self, chosen, b: int, rate: float) -> None:
+        """The next draft's depth and width, from what this step's chosen trees used and what a
+        draft level costs: keep the levels whose expected tokens per second of drafting beat the
+        step's own rate (one level deeper when the deepest pays: room to grow), and as many beams
+        as the chosen trees have nodes per level (one more when all were used)."""
+        p = self.params
+        if chosen.size <= 1:  # drafting did not pay at all: draft less
+            self.depth, self.k = max(self.depth - 1, 1), max(self.k - 1, 1)
+            return
+        depth = chosen.depth[:, 1:].cpu()
+        real = chosen.score[:, 1:].isfinite().cpu()
+        prob = torch.where(real, self.acceptance.prob(chosen.depth[:, 1:], chosen.score[:, 1:]), 0.0)
+        level_cost = max(self.draft.predict(b * self.k), 1e-9)
+        keep = 0
+        for d in range(1, int(depth.max()) + 1):
+            if float(prob[depth == d].sum()) / level_cost < rate:
+                break
+            keep = d
+        grow = keep >= self.depth
+        self.depth = min(max(keep + int(grow), 1), p.l_max)
+        per_level = max(float((real & (depth == d)).sum(1).float().mean()) for d in range(1, int(depth.max()) + 1))
+        width = max(math.ceil(per_level), 1)
+        self.k = min(width + int(width >= self.k), p.k_max)
 
     def observe(self, tree, path: torch.Tensor, path_len: torch.Tensor, b: int, verify_s: float) -> None:
         """After verification: the measured step time refines c(B*T); every verified node tells
