@@ -163,7 +163,6 @@ def tree_from_paths(roots: torch.Tensor, tries: list[list[tuple[tuple[int, ...],
     ``num_nodes`` by score (ties to shorter paths, so ancestors come first and stay in), padded
     to the batch's largest tree with unreachable nodes (their own parent, score -inf, visible only
     to themselves: walk_tree follows parent links from the root, so it never reaches one)."""
-    b = len(tries)
     chosen = []
     for paths in tries:
         best = sorted(paths, key=lambda ps: (-ps[1], len(ps[0])))[:num_nodes]
