@@ -7,7 +7,6 @@ import math
 
 import torch
 
-from fastgrpo.rollout.budget import Budget
 from fastgrpo.rollout.cost_model import (
     AcceptanceModel,
     CostModelParams,
