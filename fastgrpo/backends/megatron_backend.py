@@ -227,7 +227,9 @@ class MegatronBackend(PolicyBackend):
         the last stage does, the other stages follow it (megatron_ext.pipeline_rollouts.LastStagePlacement)."""
         tp1 = self.engine.layout.tp_size == 1  # TP ranks of a replica must verify the same trees
         if not self._last_stage_draft:
-            return RolloutPlacement(local_decisions=tp1)
+            placement = RolloutPlacement()
+            placement.local_decisions = tp1
+            return placement
         if self._placement is None:
             from megatron_ext.pipeline_rollouts import LastStagePlacement
 
