@@ -160,3 +160,14 @@ def test_policy_observe_calibrates_from_verified_paths_and_latency():
     assert pol.acceptance.tot.sum().item() - before == 3 * (tree.size - 1)
     assert pol.target.predict(3 * tree.size) > 1.0  # the measured 2 s landed in the curve
     assert pol.history[-1]["verify_s"] == 2.0
+
+
+def test_a_shape_that_lost_with_fewer_rows_is_not_tried_with_more():
+    pol = CostModelPolicy(CostModelParams(t_max=8, k_max=4, l_max=3, probe_every=1000), target=LatencyCurve())
+    arms = len(pol.arms)
+    # 4 rows (bucket 2): AR 10 tok/s, shape 1 wins (12), the others lose (5).
+    _play(pol, 4, [10.0, 12.0] + [5.0] * (arms - 2), arms)
+    # 32 rows (bucket 5): AR is measured first; shape 1 is tried, the losers are inferred, not played.
+    picks = _play(pol, 32, [20.0, 8.0] + [5.0] * (arms - 2), 6)
+    assert picks[:2] == [0, 1] and set(picks) == {0, 1}
+    assert abs(pol.rates[5][2] - pol.rates[5][0] * 0.5) < 1e-9  # 20 x (5 / 10)

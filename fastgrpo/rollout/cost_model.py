@@ -244,6 +244,8 @@ class CostModelPolicy:
         rates = self.rates.setdefault(bucket, [None] * len(self.arms))
         played = self.played.setdefault(bucket, [-1] * len(self.arms))
         step = self.steps[bucket] = self.steps.get(bucket, 0) + 1
+        if rates[0] is not None:
+            self._infer_from_fewer_rows(bucket, rates)
         untried = [i for i, r in enumerate(rates) if r is None]
         if untried:
             arm = untried[0]
@@ -257,6 +259,20 @@ class CostModelPolicy:
                     arm = stale
         played[arm] = step
         return arm
+
+    def _infer_from_fewer_rows(self, bucket: int, rates: list) -> None:
+        """A draft shape that lost to AR with fewer rows loses with more (verification only gets
+        dearer per row as the batch grows): estimate it from that ratio instead of paying a slow
+        step to try it."""
+        for i in range(1, len(rates)):
+            if rates[i] is not None:
+                continue
+            for j in range(bucket - 1, -1, -1):
+                lower = self.rates.get(j)
+                if lower and lower[0] and lower[i] is not None:
+                    if lower[i] < lower[0]:
+                        rates[i] = rates[0] * lower[i] / lower[0]
+                    break
 
     def budget(self, b: int) -> Budget:
         """Before drafting: AR, or a draft shape with an upper bound on the tree (``choose_tree``
