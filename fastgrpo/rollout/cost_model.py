@@ -225,6 +225,7 @@ class CostModelPolicy:
         self.rates: dict[int, list[float | None]] = {}  # bucket -> measured tokens/s per arm
         self.played: dict[int, list[int]] = {}  # bucket -> step count when each arm last ran
         self.steps: dict[int, int] = {}
+        self.arm_stats: dict[int, tuple[float, float]] = {}  # arm -> (tokens per row, tree size), EMA
         self._arm = 0
         self._bucket = 0
         self._draft_s = 0.0
@@ -261,9 +262,11 @@ class CostModelPolicy:
         return arm
 
     def _infer_from_fewer_rows(self, bucket: int, rates: list) -> None:
-        """A draft shape that lost to AR with fewer rows loses with more (verification only gets
-        dearer per row as the batch grows): estimate it from that ratio instead of paying a slow
-        step to try it."""
+        """Estimate an untried draft shape instead of paying a slow step to try it, when it
+        would clearly lose to AR: (a) it lost to AR with fewer rows (verification only gets dearer
+        per row as the batch grows), or (b) the cost model predicts it from the shape's measured
+        tokens per row and tree size elsewhere, the latency curve and the draft's cost."""
+        b = 2 ** bucket
         for i in range(1, len(rates)):
             if rates[i] is not None:
                 continue
@@ -273,6 +276,13 @@ class CostModelPolicy:
                     if lower[i] < lower[0]:
                         rates[i] = rates[0] * lower[i] / lower[0]
                     break
+            shape, seen = self.arms[i], self.arm_stats.get(i)
+            if rates[i] is None and seen is not None and self.draft.known and self.target.known:
+                per_row, tree = seen
+                step = shape[1] * self.draft.predict(b * shape[0]) + self.target.predict(b * tree)
+                predicted = b * per_row / max(step, 1e-9)
+                if predicted < 0.9 * rates[0]:
+                    rates[i] = predicted
 
     def budget(self, b: int) -> Budget:
         """Before drafting: AR, or a draft shape with an upper bound on the tree (``choose_tree``
@@ -318,6 +328,11 @@ class CostModelPolicy:
             r = tokens / max(draft_s + verify_s, 1e-9)
             old = rates[self._arm]
             rates[self._arm] = r if old is None else old + 0.25 * (r - old)
+        if tree is not None:  # this shape's tokens per row and tree size, for other concurrencies
+            per_row, size = tokens / b, float(t)
+            prev = self.arm_stats.get(self._arm)
+            self.arm_stats[self._arm] = (per_row, size) if prev is None else \
+                (prev[0] + 0.25 * (per_row - prev[0]), prev[1] + 0.25 * (size - prev[1]))
         self.target.update(b * t, verify_s)
         pred = self.last_prediction if tree is not None else None
         predicted = pred["verify_s"] if pred else self.target.predict(b * t)
