@@ -347,7 +347,8 @@ def test_cost_model_resume_reproduces_rollouts_and_draft(tmp_path):
     spec = tuple(o for o in SPEC if o != "rollout.policy=formula") + ("rollout.policy=cost_model",)
     straight, _ = run_trainer(tmp_path / "a", *spec)
     hist = step_metrics(straight.history)
-    assert any(h["rollout/mean_accepted_len"] > 1.0 for h in hist.values())  # trees were accepted
+    # Trees were verified: after AR, every draft shape is tried once (whether they pay is timing).
+    assert sum(h["rollout/cost_model_spec_steps"] for h in hist.values()) > 0
     run_trainer(tmp_path / "b", "trainer.steps=2", *spec)
     resumed, _ = run_trainer(tmp_path / "b", "checkpoint.resume=auto", *spec)
     again = step_metrics(resumed.history)
