@@ -97,7 +97,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         hf = make_tiny_qwen2(vocab=VOCAB, seed=SEED)
         be = build_backend("megatron", model=hf, tokenizer=None, algo=AlgoConfig(kl_beta=0.0), optim=OptimConfig(),
                            total_steps=1, megatron_cfg=MegatronConfig(pipeline_parallel=2))
-        rc = build_rollout_components(RolloutConfig(mode="fastgrpo", c_peak=C_PEAK), DraftConfig(lr=3e-3), be, hf, None)
+        rc = build_rollout_components(RolloutConfig(mode="fastgrpo", policy="formula", c_peak=C_PEAK), DraftConfig(lr=3e-3),
+                                      be, hf, None)
         lead = rc.placement.lead
         out = {"lead": lead, "draft": rc.draft is not None, "learner": rc.learner is not None,
                "heads": be.draft_heads() is not None, "capture": rc.generator.capture_features}
