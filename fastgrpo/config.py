@@ -78,7 +78,7 @@ class RolloutConfig:
     # formula (the paper's N = C_peak // B above, the ablation).
     policy: str = "cost_model"
     t_max: int = 32  # cost_model: most tokens verified per row per step (the root included)
-    probe_every: int = 16  # cost_model: per concurrency bucket, replay the least recently tried draft shape this often
+    probe_every: int = 32  # cost_model: per concurrency bucket, replay the least recently tried draft shape this often
     # How the concurrency signal is aggregated over data-parallel ranks: local | mean | max | sum.
     concurrency_aggregate: str = "local"
     # The `static` baseline: a fixed EAGLE-2 tree whatever the concurrency.

@@ -137,7 +137,7 @@ def test_policy_plays_the_arm_with_the_best_measured_rate_per_concurrency():
     later = picks[arms:]
     assert later.count(ar) == len(later) - 1  # then AR, bar one replay of a far-behind arm ...
     assert picks[39] != ar  # ... at 8 x probe_every
-    close = [10.0] + [9.0] * (arms - 1)  # arms within 25% of the best are replayed every probe_every
+    close = [10.0] + [9.0] * (arms - 1)  # arms within 10% of the best are replayed every probe_every
     pol_c = CostModelPolicy(CostModelParams(t_max=8, k_max=4, l_max=3, probe_every=5), target=LatencyCurve())
     picks_c = _play(pol_c, 16, close, 20)
     assert [i for i, p in enumerate(picks_c) if p != ar and i >= arms] == [9, 14, 19]

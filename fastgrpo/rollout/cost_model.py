@@ -184,7 +184,7 @@ class CostModelParams:
     t_max: int = 32  # most tokens verified per row in one step (the root included)
     k_max: int = 8  # widest draft expansion
     l_max: int = 6  # deepest draft
-    probe_every: int = 16  # per concurrency bucket: replay the least recently tried shape this often
+    probe_every: int = 32  # per concurrency bucket: replay the least recently tried shape this often
 
 
 def draft_shapes(k_max: int, l_max: int) -> list[tuple[int, int]]:
@@ -206,7 +206,7 @@ class CostModelPolicy:
     Two decisions per step. Before drafting, AR or which draft shape: the arm with the best
     measured tokens per second (EMA over its steps) in this concurrency bucket (log2 of the live
     rows), every arm tried once per bucket and the least recently tried one replayed every
-    ``probe_every`` steps when its rate was within 25% of the best, every 8 x ``probe_every``
+    ``probe_every`` steps when its rate was within 10% of the best, every 8 x ``probe_every``
     otherwise (the draft learns; a stale estimate must not lock it out, nor replays cost much). After drafting,
     how many nodes to verify: the latency curve and the acceptance model predict
     rate(T) = E[tokens | T] / (draft time + c(B*T)) and the best T is kept (``prune_tree``)."""
@@ -256,7 +256,7 @@ class CostModelPolicy:
             if step % self.params.probe_every == 0:  # replay the stalest other arm ...
                 stale = min((i for i in range(len(rates)) if i != best), key=lambda i: played[i], default=best)
                 # ... when it was close, or rarely when it was far behind (a replay costs a slow step)
-                if rates[stale] >= 0.75 * rates[best] or step % (8 * self.params.probe_every) == 0:
+                if rates[stale] >= 0.9 * rates[best] or step % (8 * self.params.probe_every) == 0:
                     arm = stale
         played[arm] = step
         return arm
