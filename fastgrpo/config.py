@@ -100,6 +100,9 @@ class DraftConfig:
     weight_decay: float = 0.0
     token_budget: int = 4096  # padded tokens per draft micro-batch
     init_path: Optional[str] = None  # a pretrained draft (.pt/.safetensors, or an HF folder for lm)
+    # Rollouts per online update (0 = every rollout, as the paper): an evenly spaced subset. GRPO's
+    # G samples of a prompt share most of their text, so a fraction teaches the draft nearly as much.
+    max_sequences: int = 0
 
 
 @dataclass
@@ -275,6 +278,7 @@ MINIMUMS: dict[str, int] = {
     "algo.updates_per_batch": 1,
     "algo.micro_batch_size": 1,
     "rollout.max_new_tokens": 1,
+    "draft.max_sequences": 0,
     "rollout.top_k": 0,
     "data.max_prompt_tokens": 1,
     "data.test_size": 1,

@@ -27,6 +27,7 @@ from fastgrpo.checkpoint import (
 from fastgrpo.config import FastGRPOConfig
 from fastgrpo.data import PromptLoader, build_datasets
 from fastgrpo.draft import sequences_from_rollouts
+from fastgrpo.draft.learner import subsample
 from fastgrpo.launch import PreemptionGuard, signal_name
 from fastgrpo.models import is_preset, load_policy, model_fingerprint
 from fastgrpo.plots import plot_training_curves
@@ -239,9 +240,12 @@ class GRPOTrainer:
             self._check_finite(update)
         t_update = time.perf_counter()
 
-        # The draft learns from every rollout (zero-reward ones too), on the hidden states that
-        # verification already computed: no extra target pass.
-        draft_metrics = self.draft_learner.update(sequences_from_rollouts(rollouts)) if self.draft_learner else {}
+        # The draft learns from every rollout (zero-reward ones too; or draft.max_sequences of them),
+        # on the hidden states that verification already computed: no extra target pass.
+        draft_metrics = {}
+        if self.draft_learner:
+            seqs = subsample(sequences_from_rollouts(rollouts), self.cfg.draft.max_sequences)
+            draft_metrics = self.draft_learner.update(seqs)
         if self.budget_policy is not None:  # the cost model's calibration (predicted / measured time)
             draft_metrics = {**draft_metrics, **self.budget_policy.pop_metrics()}
         draft_metrics = self.placement.from_lead(draft_metrics)

@@ -82,3 +82,12 @@ def test_draft_of_another_model_is_refused(tmp_path):
     load_draft_weights(EagleDraft(small), tmp_path / "same.pt")
     with pytest.raises(FileNotFoundError, match="draft.init_path"):
         load_draft_weights(EagleDraft(small), tmp_path / "missing.pt")
+
+
+def test_subsample_is_evenly_spaced_and_deterministic():
+    from fastgrpo.draft.learner import subsample
+
+    seqs = list(range(128))
+    assert subsample(seqs, 0) == seqs and subsample(seqs, 200) == seqs
+    assert subsample(seqs, 32) == list(range(0, 128, 4))
+    assert subsample(list(range(10)), 3) == [0, 3, 6]

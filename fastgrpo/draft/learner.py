@@ -39,6 +39,14 @@ def sequences_from_rollouts(rollouts) -> list[DraftSequence]:
     return out
 
 
+def subsample(seqs: list[DraftSequence], max_sequences: int) -> list[DraftSequence]:
+    """At most ``max_sequences`` of ``seqs``, evenly spaced (deterministic; 0 = all)."""
+    if max_sequences <= 0 or len(seqs) <= max_sequences:
+        return seqs
+    step = len(seqs) / max_sequences
+    return [seqs[int(i * step)] for i in range(max_sequences)]
+
+
 def draft_loss(draft: EagleDraft, hidden: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor,
                w_hidden: float = 2.0, w_ce: float = 0.1, num_tokens: float | None = None):
     """hidden[B,T,H]: target h_t; tokens[B,T]: x_{t+1}; targets are hidden[:, 1:]. loss_mask[B,T]
