@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -10,6 +11,25 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch at ``n`` intra-op threads inside the block (a tiny model on a shared machine: one
+    thread is fastest), the previous count restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """Use as ``pytestmark = pytest.mark.usefixtures("one_thread_per_module")``."""
+    with torch_threads(1):
+        yield
 
 
 def make_tiny_qwen2(vocab: int = 24, seed: int = 0, attn: str = "sdpa", layers: int = 2):

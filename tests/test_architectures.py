@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import compose_run_config
+from test_speculative import bad_draft
 
 from fastgrpo.config import DraftConfig, ModelConfig
 from fastgrpo.draft import build_draft_components, sequences_from_rollouts
@@ -61,12 +62,7 @@ def length_reward(completion: str, answer: str) -> float:
     return min(len(completion.split()), 8) / 8.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
@@ -129,15 +125,6 @@ def eagle(draft):
     return lambda b, max_len, slots: EagleProposer(draft, b, max_len, slots)
 
 
-def random_draft(model, seed=1):
-    draft = EagleDraft(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return draft
-
-
 def full_logits(model, prompt, resp):
     with torch.no_grad():
         return model(torch.tensor([prompt + resp])).logits[0, len(prompt) - 1: -1]
@@ -159,7 +146,7 @@ def test_greedy_every_mode_equals_hf_generate(family):
     p = SamplingParams(temperature=0, max_new_tokens=NEW)
     assert generator(model, "ar").generate(PROMPTS, p).response_ids == ref, name
     for mode in ("static", "fastgrpo"):
-        for kind, proposer in (("eagle", eagle(EagleDraft(model))), ("eagle-random", eagle(random_draft(model))),
+        for kind, proposer in (("eagle", eagle(EagleDraft(model))), ("eagle-random", eagle(bad_draft(model))),
                                # the target itself as an LM draft: every token accepted, deep paths
                                ("lm-self", lambda b, max_len, slots: LMProposer(model, b, max_len, slots))):
             out = generator(model, mode, proposer).generate(PROMPTS, p)
@@ -176,7 +163,7 @@ def test_greedy_every_mode_equals_hf_generate(family):
 def test_sampled_logprobs_and_features_equal_a_full_forward(family, mode):
     name, model, _ = family
     params = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=NEW)
-    gen = generator(model, mode, eagle(random_draft(model)), capture_features=True)
+    gen = generator(model, mode, eagle(bad_draft(model)), capture_features=True)
     out = gen.generate(PROMPTS, params, torch.Generator().manual_seed(0))
     assert [len(r) for r in out.response_ids] == [NEW] * len(PROMPTS)
     with torch.no_grad():

@@ -4,7 +4,7 @@ timing is asserted: these machines are shared)."""
 from __future__ import annotations
 
 import torch
-from conftest import make_tiny_qwen2
+from conftest import make_tiny_qwen2, torch_threads
 
 from fastgrpo.bench.rollout import MODES, compare_modes, plot_speedup
 from fastgrpo.draft import EagleDraft, load_draft_weights
@@ -56,9 +56,9 @@ def test_e2e_modes_interleaved_take_the_same_updates(tmp_path, monkeypatch):
     from fastgrpo.bench.training import bench_e2e, plot_e2e
 
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
-    res = bench_e2e("tiny", None, tmp_path, steps=2, c_peak=16, modes=("ar", "cost_model+suffix"), skip=1,
-                    say=lambda *a: None)
+    with torch_threads(1):
+        res = bench_e2e("tiny", None, tmp_path, steps=2, c_peak=16, modes=("ar", "cost_model+suffix"), skip=1,
+                        say=lambda *a: None)
     ar, sfx = res["modes"]["ar"], res["modes"]["cost_model+suffix"]
     assert ar["reward"] == sfx["reward"]
     assert ar["speedup_vs_ar"] == 1.0 and sfx["speedup_vs_ar"] > 0 and res["e2e_bound"] > 1.0
