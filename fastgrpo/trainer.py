@@ -242,10 +242,8 @@ class GRPOTrainer:
 
         # The draft learns from every rollout (zero-reward ones too; or draft.max_sequences of them),
         # on the hidden states that verification already computed: no extra target pass.
-        draft_metrics = {}
-        if self.draft_learner:
-            seqs = subsample(sequences_from_rollouts(rollouts), self.cfg.draft.max_sequences)
-            draft_metrics = self.draft_learner.update(seqs)
+        seqs = subsample(sequences_from_rollouts(rollouts), self.cfg.draft.max_sequences) if self.draft_learner else []
+        draft_metrics = self.draft_learner.update(seqs) if self.draft_learner else {}
         if self.budget_policy is not None:  # the cost model's calibration (predicted / measured time)
             draft_metrics = {**draft_metrics, **self.budget_policy.pop_metrics()}
         draft_metrics = self.placement.from_lead(draft_metrics)

@@ -70,26 +70,23 @@ class LatencyCurve:
     def known(self) -> bool:
         return bool(self.seed) or any(self.seen)
 
-    def measured(self, tokens: float) -> bool:
-        """Whether a prediction for this many tokens interpolates measured or seeded points (not
-        an extrapolation below or above all of them)."""
-        known = [self._bucket(n, len(self.n)) for n, _ in self.points()]
-        k = self._bucket(tokens, len(self.n))
-        return bool(known) and min(known) <= k <= max(known)
-
     def points(self) -> list[tuple[float, float]]:
         measured = {self._bucket(n, len(self.n)): (n, t) for n, t, s in zip(self.n, self.t, self.seen) if s}
         seeded = {self._bucket(n, len(self.n)): (n, t * self.scale) for n, t in self.seed}
         return sorted({**seeded, **measured}.values())
 
     def predict(self, tokens: float) -> float:
+        return self.predict_many([tokens])[0]
+
+    def predict_many(self, tokens: list[float]) -> list[float]:
+        """``predict`` for several token counts, from one read of the points."""
         pts = self.points()
         if not pts:
-            return 0.0
+            return [0.0] * len(tokens)
         if len(pts) == 1:  # one point: assume cost grows like sqrt(tokens) past it (a soft knee)
             n0, t0 = pts[0]
-            return t0 * math.sqrt(max(tokens, 1.0) / n0) if tokens > n0 else t0
-        return _interpolate(pts, tokens)
+            return [t0 * math.sqrt(max(n, 1.0) / n0) if n > n0 else t0 for n in tokens]
+        return [_interpolate(pts, n) for n in tokens]
 
     def state_dict(self) -> dict:
         return {"n": list(self.n), "t": list(self.t), "seen": list(self.seen),
@@ -211,17 +208,14 @@ class CostModelPolicy:
     how many nodes to verify: the latency curve and the acceptance model predict
     rate(T) = E[tokens | T] / (draft time + c(B*T)) and the best T is kept (``prune_tree``)."""
 
-    is_static = False
-
     def __init__(self, params: CostModelParams = CostModelParams(), target: LatencyCurve | None = None,
                  draft: LatencyCurve | None = None, acceptance: AcceptanceModel | None = None):
         self.params = params
         self.target = target or LatencyCurve()
         self.draft = draft or LatencyCurve()  # seconds per draft depth, vs rows x K
         self.acceptance = acceptance or AcceptanceModel(max_depth=params.l_max + 2)
-        self.shapes = draft_shapes(params.k_max, params.l_max)
         # None = AR, tried first in every bucket: its measured cost is what a tree must beat.
-        self.arms: list[tuple[int, int] | None] = [None, *self.shapes]
+        self.arms: list[tuple[int, int] | None] = [None, *draft_shapes(params.k_max, params.l_max)]
         self.rates: dict[int, list[float | None]] = {}  # bucket -> measured tokens/s per arm
         self.played: dict[int, list[int]] = {}  # bucket -> step count when each arm last ran
         self.steps: dict[int, int] = {}
@@ -229,7 +223,6 @@ class CostModelPolicy:
         self._arm = 0
         self._bucket = 0
         self._draft_s = 0.0
-        self.last_budget: Budget | None = None
         self.last_prediction: dict | None = None
         self.history: list[dict] = []  # per step: predicted vs measured seconds (for plots)
         self._sums = [0.0, 0.0, 0]  # predicted s, measured s, speculative steps (pop_metrics)
@@ -246,7 +239,7 @@ class CostModelPolicy:
         played = self.played.setdefault(bucket, [-1] * len(self.arms))
         step = self.steps[bucket] = self.steps.get(bucket, 0) + 1
         if rates[0] is not None:
-            self._infer_from_fewer_rows(bucket, rates)
+            self._estimate_untried(bucket, rates)
         untried = [i for i, r in enumerate(rates) if r is None]
         if untried:
             arm = untried[0]
@@ -261,7 +254,7 @@ class CostModelPolicy:
         played[arm] = step
         return arm
 
-    def _infer_from_fewer_rows(self, bucket: int, rates: list) -> None:
+    def _estimate_untried(self, bucket: int, rates: list) -> None:
         """Estimate an untried draft shape instead of paying a slow step to try it, when it
         would clearly lose to AR: (a) it lost to AR with fewer rows (verification only gets dearer
         per row as the batch grows), or (b) the cost model predicts it from the shape's measured
@@ -288,14 +281,11 @@ class CostModelPolicy:
         """Before drafting: AR, or a draft shape with an upper bound on the tree (``choose_tree``
         cuts it), whichever arm measured the most tokens per second at this concurrency."""
         if b == 0:
-            self.last_budget = AR_BUDGET
             return AR_BUDGET
         self._bucket = int(math.log2(b))
         self._arm = self._pick_arm(self._bucket)
         shape = self.arms[self._arm]
-        out = AR_BUDGET if shape is None else Budget(self.params.t_max, shape[0], shape[1])
-        self.last_budget = out
-        return out
+        return AR_BUDGET if shape is None else Budget(self.params.t_max, shape[0], shape[1])
 
     # -- the speculative step's hooks ------------------------------------------------------
     def choose_tree(self, tree, b: int, draft_s: float):
@@ -309,11 +299,10 @@ class CostModelPolicy:
         order = tree.score[:, 1:].argsort(dim=1, descending=True).cpu()
         cum = p_node.gather(1, order).cumsum(1)
         gain = torch.cat([torch.ones(1), 1.0 + cum.mean(0)])[: self.params.t_max]  # per row, T = 1..
-        cost = torch.tensor([draft_s + self.target.predict(b * t) for t in range(1, gain.numel() + 1)])
-        rate = b * gain / cost.clamp(min=1e-9)
+        verify = torch.tensor(self.target.predict_many([b * t for t in range(1, gain.numel() + 1)]))
+        rate = b * gain / (draft_s + verify).clamp(min=1e-9)
         t_best = int(rate.argmax()) + 1
-        self.last_prediction = {"t": t_best, "verify_s": float(self.target.predict(b * t_best)),
-                                "tokens": float(b * gain[t_best - 1]), "draft_s": draft_s}
+        self.last_prediction = {"verify_s": float(verify[t_best - 1]), "tokens": float(b * gain[t_best - 1])}
         return prune_tree(tree, t_best - 1)
 
     def observe(self, tree, path: torch.Tensor, path_len: torch.Tensor, b: int, verify_s: float) -> None:
