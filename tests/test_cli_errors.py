@@ -117,6 +117,14 @@ def test_train_bad_row_names_file_and_line(tmp_path):
     assert_user_error(proc, "fastgrpo-train", f"{train}:2", "'answer'")
 
 
+def test_train_bad_reward_signature(tmp_path):
+    (tmp_path / "my_rewards.py").write_text("def bad(x):\n    return 0.0\n")
+    proc = run("fastgrpo-train", *tiny(tmp_path), "reward.functions=[{name:'my_rewards:bad',weight:1.0}]",
+               cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert_user_error(proc, "fastgrpo-train", "reward.functions entry 'my_rewards:bad'", "signature (x)")
+    assert not (tmp_path / "presets").exists()  # refused before any model was built
+
+
 def test_train_missing_model_folder(tmp_path):
     folder = tmp_path / "no-such-model"
     proc = run("fastgrpo-train", *tiny(tmp_path), f"model.path={folder}", cwd=tmp_path)

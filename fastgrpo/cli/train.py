@@ -61,6 +61,9 @@ def _main(cfg: DictConfig) -> None:
 
         check_process_env(os.environ)  # before torch is imported: fail fast on a bad launch
         config = check_config(to_config(cfg))
+        from fastgrpo.rewards import check_reward_functions
+
+        check_reward_functions(config.reward)  # imports the reward modules: a bad entry fails before any model
         from fastgrpo.trainer import GRPOTrainer, Preempted
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)

@@ -6,6 +6,13 @@ train and held-out test sets from a :class:`~fastgrpo.config.DataConfig`.
 
 Every problem with the input is a :class:`DataError` whose message names the file and the line
 (1-based, jsonl) or row (0-based, parquet) and the field.
+
+Each :class:`PromptItem` carries ``columns``, the row as reward functions see it (TRL-style
+batched rewards get them as keyword lists, verl-style ones ``data_source`` / ``extra_info``):
+the file row's top-level fields except the prompt field, then ``prompt`` (the user text, before
+the template), ``answer`` (the final answer verified against; a gsm8k file's own ``answer``
+field is the full solution, kept as ``solution``), ``solution`` when known and ``data_source``
+(the row's own, else ``data.kind``). Synthetic rows have just those four.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ class Example:
     solution: str | None = None
     # Where it came from ("train.jsonl:17", "x.parquet row 3"), for error messages only.
     source: str | None = field(default=None, compare=False, repr=False)
+    # The file row's other top-level fields (for reward functions); empty for synthetic rows.
+    columns: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -48,6 +57,17 @@ class PromptItem:
     prompt_text: str
     answer: str
     solution: str | None
+    # The row as reward functions see it (see the module docstring).
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+def reward_columns(ex: Example, kind: str) -> dict[str, Any]:
+    """The row of ``ex`` as reward functions see it (see the module docstring)."""
+    columns = {**ex.columns, "prompt": ex.prompt, "answer": ex.answer}
+    if ex.solution is not None:
+        columns["solution"] = ex.solution
+    columns.setdefault("data_source", kind)
+    return columns
 
 
 # ----------------------------------------------------------------------------- file reading
@@ -125,6 +145,8 @@ def _row_to_example(row: Any, where: str, kind: str, prompt_field: str, answer_f
     if answer_value is _MISSING or answer_value is None:
         raise DataError(f"{where}: missing field {answer_field!r} (answer_field)")
     prompt = _prompt_text(prompt_value, where, prompt_field)
+    prompt_top = prompt_field.split(".", 1)[0]
+    columns = {k: v for k, v in row.items() if k != prompt_top}
     if kind == "gsm8k":
         if not isinstance(answer_value, str):
             raise DataError(
@@ -135,7 +157,7 @@ def _row_to_example(row: Any, where: str, kind: str, prompt_field: str, answer_f
             answer, solution = parse_gsm8k_solution(answer_value)
         except ValueError as e:
             raise DataError(f"{where}: field {answer_field!r}: {e} (kind gsm8k)") from None
-        return Example(prompt=prompt, answer=answer, solution=solution, source=where)
+        return Example(prompt=prompt, answer=answer, solution=solution, source=where, columns=columns)
     # prompt_answer
     if isinstance(answer_value, bool) or not isinstance(answer_value, (str, int, float)):
         raise DataError(
@@ -144,7 +166,7 @@ def _row_to_example(row: Any, where: str, kind: str, prompt_field: str, answer_f
     answer = str(answer_value).strip()
     if not answer:
         raise DataError(f"{where}: field {answer_field!r} is empty")
-    return Example(prompt=prompt, answer=answer, solution=None, source=where)
+    return Example(prompt=prompt, answer=answer, solution=None, source=where, columns=columns)
 
 
 def load_examples(path: str, kind: str, prompt_field: str, answer_field: str) -> list[Example]:
@@ -202,15 +224,11 @@ def _load_parquet(path: str, kind: str, prompt_field: str, answer_field: str) ->
     except (OSError, ValueError, pa.ArrowException) as e:  # a broken or non-parquet file
         raise DataError(f"{path}: cannot read parquet file: {e}") from None
     names = pf.schema_arrow.names
-    columns = []
     for label, name in (("prompt_field", prompt_field), ("answer_field", answer_field)):
-        top = name.split(".", 1)[0]
-        if top not in names:
+        if name.split(".", 1)[0] not in names:
             raise DataError(f"{path} row 0: missing field {name!r} ({label}); columns are {names}")
-        if top not in columns:
-            columns.append(top)
     try:
-        rows = pf.read(columns=columns).to_pylist()
+        rows = pf.read().to_pylist()  # every column: the other ones reach reward functions
     except (OSError, ValueError, pa.ArrowException) as e:
         raise DataError(f"{path}: cannot read parquet file: {e}") from None
     return [
@@ -278,9 +296,8 @@ class PromptDataset:
                 self.num_skipped += 1
                 self.skipped_indices.append(i)
                 continue
-            self.items.append(
-                PromptItem(index=i, prompt_ids=ids, prompt_text=text, answer=ex.answer, solution=ex.solution)
-            )
+            self.items.append(PromptItem(index=i, prompt_ids=ids, prompt_text=text, answer=ex.answer,
+                                         solution=ex.solution, columns=reward_columns(ex, cfg.kind)))
         if not self.items:
             raise DataError(
                 f"empty data set: all {len(examples)} prompts are longer than "

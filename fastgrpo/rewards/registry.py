@@ -1,10 +1,11 @@
 """Reward function registry.
 
-A reward function has the signature ``fn(completion: str, answer: str) -> float``. It may also
-accept a keyword ``timeout_s`` (the scorer then passes ``RewardConfig.timeout_s``).
-
 ``get_reward_fn(spec)`` accepts a registered name (``"accuracy"``, ``"format"``) or a
-``"package.module:function"`` path imported on demand.
+``"package.module:function"`` path imported on demand. Which signatures a reward function may
+have (row-wise, TRL-style batched, verl-style ``compute_score``) is
+:mod:`fastgrpo.rewards.signatures`'s business.
+
+Imports run one way: this module imports the built-in math rewards, which import nothing back.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-RewardFn = Callable[[str, str], float]
+from fastgrpo.rewards.math import accuracy_reward, format_reward
 
-_REGISTRY: dict[str, RewardFn] = {}
+RewardFn = Callable[..., float]
+
+_REGISTRY: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -34,12 +37,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 def registered_rewards() -> list[str]:
     """Sorted names of the registered reward functions (built-ins included)."""
-    _load_builtins()
     return sorted(_REGISTRY)
-
-
-def _load_builtins() -> None:
-    importlib.import_module("fastgrpo.rewards.math")  # registers "accuracy" and "format"
 
 
 def get_reward_fn(spec: str) -> RewardFn:
@@ -66,7 +64,6 @@ def get_reward_fn(spec: str) -> RewardFn:
         if not callable(obj):
             raise ValueError(f"reward spec {spec!r}: {module_name}.{attr} is not callable")
         return obj
-    _load_builtins()
     try:
         return _REGISTRY[spec]
     except KeyError:
