@@ -118,6 +118,11 @@ class AlgoConfig:
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal
     updates_per_batch: int = 1  # optimizer steps per rollout batch (1 = strictly on-policy)
     micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation)
+    # verl's options. Dual-clip PPO: for A < 0 the token loss is capped at -A * clip_ratio_c
+    # (> 1; verl's default 3); null = off. kl_clamp clamps the k3 estimate to [-kl_clamp, kl_clamp]
+    # (verl's low_var_kl uses 10); null = off, so results are unchanged unless asked for.
+    clip_ratio_c: Optional[float] = None
+    kl_clamp: Optional[float] = None
 
 
 @dataclass
@@ -305,6 +310,12 @@ def check_config(cfg: FastGRPOConfig) -> FastGRPOConfig:
         value = _get(cfg, key)
         if value < low:
             raise ConfigError(f"{key}={value!r}: must be >= {low}")
+    a = cfg.algo
+    if a.clip_ratio_c is not None and not a.clip_ratio_c > 1:
+        raise ConfigError(f"algo.clip_ratio_c={a.clip_ratio_c!r}: must be > 1 (dual-clip cap on -A * ratio), or null")
+    if a.kl_clamp is not None and not (a.kl_clamp > 0 and a.kl_estimator == "k3"):
+        raise ConfigError(f"algo.kl_clamp={a.kl_clamp!r}: must be > 0 and needs algo.kl_estimator=k3 "
+                          f"(it is {a.kl_estimator!r}), or null")
     r = cfg.rollout
     if not r.temperature > 0:
         raise ConfigError(f"rollout.temperature={r.temperature!r}: must be > 0 (the policy's logits are divided by it)")

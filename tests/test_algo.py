@@ -8,6 +8,7 @@ import torch
 from fastgrpo.algo import (
     aggregate_loss,
     clipped_policy_loss,
+    dual_clip,
     dynamic_sampling_keep,
     group_advantages,
     grpo_loss,
@@ -314,3 +315,95 @@ def test_grpo_loss_clip_metrics():
     close(loss, -(1.28 + 0.5 + 1.25) / 3)
     assert m["clip_frac"] == pytest.approx(1 / 3)
     assert m["ratio_mean"] == pytest.approx((1.5 + 0.5 + 1.25) / 3)
+
+
+# ----------------------------------------------------------------------------- verl's options
+
+
+def test_dual_clip_caps_negative_advantages_only():
+    # A = -1: the clipped-surrogate losses 5 and 1 are capped at -A * c = 3; A = -0.5: cap 1.5
+    loss, hit = dual_clip(T([[5.0, 1.0], [2.0, 1.0]]), T([-1.0, -0.5]), 3.0)
+    close(loss, [[3.0, 1.0], [1.5, 1.0]])
+    assert hit.tolist() == [[True, False], [True, False]]
+    # A >= 0 (per token): unchanged whatever the loss (the cap -A * c would be <= 0 there)
+    loss, hit = dual_clip(T([[-5.0, 0.0, 7.0]]), T([[2.0, 0.0, -2.0]]), 3.0)
+    close(loss, [[-5.0, 0.0, 6.0]])
+    assert hit.tolist() == [[False, False, True]]
+    with pytest.raises(ValueError, match="must be > 1"):
+        dual_clip(T([[1.0]]), T([-1.0]), 1.0)
+
+
+# seq 0 (A = -1): ratios 4, 2, 0.5 (+ padding); seq 1 (A = +1): ratio 4. eps 0.2, c = 3.
+DUAL_LP = torch.log(T([[4.0, 2.0, 0.5, 1.0], [4.0, 1.0, 1.0, 1.0]]))
+DUAL_A = T([-1.0, 1.0])
+
+
+def test_grpo_loss_dual_clip_hand_computed():
+    kw = {"eps_low": 0.2, "eps_high": 0.2, "kl_beta": 0.0, "loss_agg": "token_mean"}
+    # clipped surrogate max(-A r, -A clip(r)): seq 0 -> 4, 2, max(0.5, 0.8) = 0.8; seq 1 -> max(-4, -1.2) = -1.2
+    lp = DUAL_LP.clone().requires_grad_(True)
+    loss, m = grpo_loss(lp, torch.zeros(2, 4), None, DUAL_A, MASK, **kw)
+    close(loss.detach(), (4 + 2 + 0.8 - 1.2) / 4)  # 1.4
+    assert "dual_clip_frac" not in m  # off by default: today's metrics
+    # dual clip c = 3: the first token's 4 is capped at 3 (and loses its gradient)
+    lp.grad = None
+    loss, m = grpo_loss(lp, torch.zeros(2, 4), None, DUAL_A, MASK, clip_ratio_c=3.0, **kw)
+    loss.backward()
+    close(loss.detach(), (3 + 2 + 0.8 - 1.2) / 4)  # 1.15
+    # only the ratio-2 token is unclipped: d(-A r)/dlogp = r = 2, over 4 tokens
+    close(lp.grad, [[0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert m["dual_clip_frac"] == pytest.approx(1 / 4)
+    assert m["clip_frac"] == pytest.approx(2 / 4)  # ratio 0.5 (A < 0) and ratio 4 (A > 0)
+    assert m["pg_loss"] == pytest.approx(1.15)
+
+
+def test_dual_clip_matches_verl_formula():
+    torch.manual_seed(0)
+    lp, old = torch.randn(6, 5), torch.randn(6, 5)
+    adv = torch.randn(6)
+    c, lo, hi = 3.0, 0.2, 0.28
+    # verl compute_policy_loss (vanilla), written out
+    a, r = adv.unsqueeze(-1), torch.exp(lp - old)
+    surrogate = torch.maximum(-a * r, -a * r.clamp(1 - lo, 1 + hi))
+    want = torch.where(a < 0, torch.minimum(-a * c, surrogate), surrogate)
+    want_frac = ((surrogate > -a * c) & (a < 0)).float().mean()
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    loss, m = grpo_loss(lp, old, None, adv, mask, eps_low=lo, eps_high=hi, kl_beta=0.0, clip_ratio_c=c)
+    close(loss, want.mean())
+    assert m["dual_clip_frac"] == pytest.approx(want_frac.item())
+
+
+def test_kl_clamp_hand_computed():
+    # r = ref - logp: 3 -> k3 = e^3 - 4 = 16.0855 (clamped to 10); -11 -> e^-11 + 10 = 10.0000167
+    # (clamped to 10); ln 2 -> 2 - ln 2 - 1 = 0.306853 (inside)
+    lp = torch.zeros(1, 3, requires_grad=True)
+    ref = T([[3.0, -11.0, L2]])
+    close(kl_penalty(lp, ref, "k3"), [[math.exp(3) - 4, math.exp(-11) + 10, 1 - L2]], atol=1e-4)
+    close(kl_penalty(lp, ref, "k3", clamp=10.0), [[10.0, 10.0, 1 - L2]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss, m = grpo_loss(lp, None, ref, T([0.0]), mask, eps_low=0.2, eps_high=0.2, kl_beta=0.1, kl_clamp=10.0)
+    loss.backward()
+    close(loss.detach(), 0.1 * (20 + 1 - L2) / 3)  # 0.676895
+    assert m["kl"] == pytest.approx((20 + 1 - L2) / 3, abs=1e-5)
+    # d k3 / d logp = 1 - e^r: zero where clamped, 1 - 2 = -1 for the last token; x beta / 3
+    close(lp.grad, [[0.0, 0.0, -0.1 / 3]])
+    for estimator, clamp in (("k1", 10.0), ("k3", 0.0)):
+        with pytest.raises(ValueError, match="needs the k3 estimator and a value > 0"):
+            kl_penalty(lp, ref, estimator, clamp=clamp)
+
+
+def test_verl_options_checked_in_the_config():
+    from fastgrpo.config import ConfigError, FastGRPOConfig, check_config
+
+    cfg = FastGRPOConfig()
+    assert cfg.algo.clip_ratio_c is None and cfg.algo.kl_clamp is None  # off: results unchanged
+    cfg.algo.clip_ratio_c, cfg.algo.kl_clamp = 3.0, 10.0
+    check_config(cfg)
+    for key, value, match in (("clip_ratio_c", 1.0, r"algo.clip_ratio_c=1.0: must be > 1"),
+                              ("kl_clamp", 0.0, r"algo.kl_clamp=0.0: must be > 0"),
+                              ("kl_estimator", "k2", r"algo.kl_clamp=10.0: .*kl_estimator=k3 \(it is 'k2'\)")):
+        bad = FastGRPOConfig()
+        bad.algo.clip_ratio_c, bad.algo.kl_clamp = 3.0, 10.0
+        setattr(bad.algo, key, value)
+        with pytest.raises(ConfigError, match=match):
+            check_config(bad)

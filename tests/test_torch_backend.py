@@ -58,6 +58,24 @@ def test_micro_batching_equals_full_batch(agg):
     assert torch.allclose(flat_params(full.model), flat_params(micro.model), atol=1e-6)
 
 
+def test_verl_loss_options_reach_the_loss():
+    """algo.clip_ratio_c / algo.kl_clamp reach grpo_loss; micro-batching still equals the full batch
+    and the dual-clip fraction is reported (token-weighted like clip_frac)."""
+    batch = make_batch()
+    opts = {"clip_ratio_c": 1.05, "kl_clamp": 1e-4, "updates_per_batch": 2}
+    full, micro, plain = make_backend(micro=8, **opts), make_backend(micro=3, **opts), make_backend(micro=8)
+    for b in (full, micro, plain):
+        with torch.no_grad():
+            for p in b.model.parameters():
+                p.add_(0.01)
+    m_full, m_micro, m_plain = full.train_step(batch), micro.train_step(batch), plain.train_step(batch)
+    assert abs(m_full["loss"] - m_micro["loss"]) < 1e-6
+    assert abs(m_full["dual_clip_frac"] - m_micro["dual_clip_frac"]) < 1e-6
+    assert 0 <= m_full["dual_clip_frac"] <= 1 and "dual_clip_frac" not in m_plain
+    assert m_full["kl"] <= 1e-4 + 1e-9 < m_plain["kl"]  # the clamp binds
+    assert torch.allclose(flat_params(full.model), flat_params(micro.model), atol=1e-6)
+
+
 def test_nonfinite_loss_skips_update(monkeypatch):
     import fastgrpo.backends.torch_backend as tb
 

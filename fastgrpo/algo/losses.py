@@ -21,6 +21,9 @@ from torch import Tensor
 LOSS_AGG_MODES = ("token_mean", "seq_mean", "dr_grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 K3_LOG_RATIO_CLAMP = 20.0
+# The metrics of grpo_loss that are means over the call's real tokens (weight them by num_tokens
+# when averaging micro-batches); dual_clip_frac only when clip_ratio_c is set.
+TOKEN_MEAN_METRICS = ("kl", "clip_frac", "ratio_mean", "dual_clip_frac")
 
 
 def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
@@ -52,7 +55,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> 
     return torch.stack(rows)
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3", clamp: float | None = None) -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1/k2/k3).
 
     With ``d = logp - logp_ref``:
@@ -60,8 +63,12 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
       - k2 = 0.5 * d**2                (biased, low variance, >= 0)
       - k3 = exp(-d) + d - 1           (unbiased, low variance, >= 0; GRPO's choice)
     For k3 the log-ratio is clamped to [-20, 20] before ``exp`` so one extreme token cannot
-    produce inf (exp(20) ~ 5e8 is already an enormous penalty).
+    produce inf (exp(20) ~ 5e8 is already an enormous penalty). ``clamp`` (k3 only) then clamps
+    the estimate to ``[-clamp, clamp]`` as verl's ``low_var_kl`` does with 10: a clamped token's
+    KL gradient is zero. None (the default) leaves it unclamped.
     """
+    if clamp is not None and (estimator != "k3" or not clamp > 0):
+        raise ValueError(f"kl clamp {clamp!r} needs the k3 estimator and a value > 0 (estimator {estimator!r})")
     log_ratio = logprobs.float() - ref_logprobs.float()
     if estimator == "k1":
         return log_ratio
@@ -69,7 +76,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
         return 0.5 * log_ratio.square()
     if estimator == "k3":
         r = (-log_ratio).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)  # log(pi_ref / pi)
-        return r.exp() - r - 1.0
+        k3 = r.exp() - r - 1.0
+        return k3 if clamp is None else k3.clamp(-clamp, clamp)
     raise ValueError(f"unknown kl estimator {estimator!r}; accepted: {', '.join(KL_ESTIMATORS)}")
 
 
@@ -93,6 +101,26 @@ def clipped_policy_loss(
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages
     return -torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+def dual_clip(per_token_loss: Tensor, advantages: Tensor, clip_ratio_c: float) -> tuple[Tensor, Tensor]:
+    """Dual-clip PPO (Ye et al. 2020; verl's ``clip_ratio_c``) on the clipped surrogate's loss.
+
+    For ``A < 0`` the loss ``max(-A*r, -A*clip(r))`` grows without bound in the ratio ``r``; it
+    is capped at ``-A * clip_ratio_c`` (``min(loss, -A*c)``, zero gradient where the cap binds).
+    Tokens with ``A >= 0`` are unchanged. ``advantages`` is ``[N]`` or ``[N, T]``. Returns
+    ``(per_token_loss [N,T], dual_clipped [N,T] bool)``, the latter marking where the cap is
+    strictly below the loss (verl's ``pg_clipfrac_lower``).
+    """
+    if not clip_ratio_c > 1:
+        raise ValueError(f"clip_ratio_c must be > 1 for dual-clip PPO, got {clip_ratio_c!r}")
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    advantages = advantages.to(per_token_loss.dtype)
+    cap = -advantages * clip_ratio_c
+    negative = (advantages < 0).expand_as(per_token_loss)
+    capped = torch.where(negative, torch.minimum(per_token_loss, cap), per_token_loss)
+    return capped, negative & (per_token_loss > cap)
 
 
 def aggregate_loss(
@@ -155,31 +183,39 @@ def grpo_loss(
     max_len: int | None = None,
     num_tokens: float | None = None,
     num_seqs: float | None = None,
+    clip_ratio_c: float | None = None,
+    kl_clamp: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO objective: ``aggregate(clipped_pg + kl_beta * kl)`` over the response tokens.
 
     ``old_logprobs=None`` means strictly on-policy: ``logprobs.detach()`` (ratio 1, no clipping).
     The KL term is added only when ``kl_beta != 0`` and ``ref_logprobs`` is given; with
     ``kl_beta == 0`` and a reference given, KL is still reported (computed without gradient).
+    ``clip_ratio_c`` (> 1) adds the dual clip for negative advantages (:func:`dual_clip`);
+    ``kl_clamp`` clamps the k3 estimate (:func:`kl_penalty`). Both None: off (the defaults).
 
     Metrics (plain floats, for logging): ``pg_loss`` (the policy term aggregated exactly like the
     loss, same normalisers: micro-batch values sum to the batch value); ``kl`` (masked mean of the
-    estimator; 0.0 without a reference), ``clip_frac``, ``ratio_mean``: means over *this call's*
-    real tokens (weight them by ``num_tokens``, also reported, when averaging micro-batches).
+    estimator; 0.0 without a reference), ``clip_frac``, ``ratio_mean`` and, with ``clip_ratio_c``,
+    ``dual_clip_frac``: means over *this call's* real tokens (:data:`TOKEN_MEAN_METRICS`; weight
+    them by ``num_tokens``, also reported, when averaging micro-batches).
     """
     if old_logprobs is None:
         old_logprobs = logprobs.detach()
     agg = {"mode": loss_agg, "max_len": max_len, "num_tokens": num_tokens, "num_seqs": num_seqs}
     pg, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages, eps_low, eps_high)
+    dual_clipped = None
+    if clip_ratio_c is not None:
+        pg, dual_clipped = dual_clip(pg, advantages, clip_ratio_c)
     per_token = pg
     kl_metric = 0.0
     if ref_logprobs is not None:
         if kl_beta != 0:
-            kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
+            kl = kl_penalty(logprobs, ref_logprobs, kl_estimator, kl_clamp)
             per_token = pg + kl_beta * kl
         else:
             with torch.no_grad():
-                kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
+                kl = kl_penalty(logprobs, ref_logprobs, kl_estimator, kl_clamp)
         kl_metric = masked_mean(kl.detach(), mask).item()
     loss = aggregate_loss(per_token, mask, **agg)
     with torch.no_grad():
@@ -191,4 +227,6 @@ def grpo_loss(
             "ratio_mean": masked_mean(ratio, mask).item(),
             "num_tokens": float(mask.bool().sum().item()),
         }
+        if dual_clipped is not None:
+            metrics["dual_clip_frac"] = masked_mean(dual_clipped.float(), mask).item()
     return loss, metrics

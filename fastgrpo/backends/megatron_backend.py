@@ -160,6 +160,7 @@ class MegatronBackend(PolicyBackend):
                 eps_low=self.algo.clip_eps_low, eps_high=self.algo.clip_eps_high,
                 kl_beta=self.algo.kl_beta, kl_estimator=self.algo.kl_estimator,
                 loss_agg=self.algo.loss_agg, max_len=max_len, num_tokens=num_tokens, num_seqs=num_seqs,
+                clip_ratio_c=self.algo.clip_ratio_c, kl_clamp=self.algo.kl_clamp,
             )
             n = m["num_tokens"]
             sums.add_(torch.tensor([loss.item(), m["pg_loss"], m["kl"] * n, m["clip_frac"] * n,

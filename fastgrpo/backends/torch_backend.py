@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastgrpo import distributed as dist_utils
-from fastgrpo.algo import grpo_loss, token_logprobs
+from fastgrpo.algo import TOKEN_MEAN_METRICS, grpo_loss, token_logprobs
 from fastgrpo.backends.base import PolicyBackend, PolicyBatch, run_updates
 from fastgrpo.config import AlgoConfig, OptimConfig
 from fastgrpo.rollout.hf_runner import HFTargetRunner
@@ -176,12 +176,13 @@ class TorchBackend(PolicyBackend):
                     kl_beta=self.algo.kl_beta, kl_estimator=self.algo.kl_estimator,
                     loss_agg=self.algo.loss_agg, max_len=max_len,
                     num_tokens=num_tokens, num_seqs=num_seqs,
+                    clip_ratio_c=self.algo.clip_ratio_c, kl_clamp=self.algo.kl_clamp,
                 )
                 self._backward(loss, last)
             loss_total += loss.item()
             # Token-weighted over the global batch (x world_size: train_step averages over ranks).
             w = m["num_tokens"] * self.world_size / max(num_tokens, 1.0)
-            for k in ("kl", "clip_frac", "ratio_mean"):
+            for k in (k for k in TOKEN_MEAN_METRICS if k in m):
                 metrics[k] = metrics.get(k, 0.0) + m[k] * w
             # A globally normalised partial sum: x world_size so that the mean over ranks is the total.
             metrics["pg_loss"] = metrics.get("pg_loss", 0.0) + m["pg_loss"] * self.world_size
