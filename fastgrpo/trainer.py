@@ -16,6 +16,7 @@ import torch
 
 from fastgrpo import distributed as dist_utils
 from fastgrpo.algo import dynamic_sampling_keep, group_advantages
+from fastgrpo.assembly import build_rollout_components
 from fastgrpo.backends import backend_options, build_backend, build_policy_batch
 from fastgrpo.checkpoint import (
     POLICY_DIR,
@@ -35,7 +36,6 @@ from fastgrpo.progress import StepProgress
 from fastgrpo.rewards import RewardScorer, get_reward_fn
 from fastgrpo.rng_state import capture_rng_state, restore_rng_state
 from fastgrpo.rollout import SamplingParams
-from fastgrpo.rollout.factory import build_rollout_components
 from fastgrpo.tracking import Tracker, flatten_config
 
 log = logging.getLogger("fastgrpo")

@@ -1,17 +1,19 @@
 """Pipeline-parallel rollouts: the last stage decodes, the other stages follow (issue 6).
 
-Only the last pipeline stage (the *lead*) runs the Generator (draft, sampling, acceptance walk,
-feature capture). Each of its MegatronTargetRunner calls is announced to the other stages through
-``PipeChannel`` (integer and boolean tensors only), which ``follow_last_stage`` replays, and
-``PipelineGenerator`` ends every generation with the rollouts (or the lead's error) so all stages
-return the same ``Rollouts``. ``LastStagePlacement`` tells the trainer where the draft lives.
-See megatron_ext/inference.py for the runner itself.
+Only the last pipeline stage (the *lead*) runs the RolloutEngine (draft, sampling, acceptance
+walk, feature capture). Each of its MegatronTargetRunner calls is announced to the other stages
+through ``PipeChannel`` as a ``PipeOp`` (integer and boolean tensors only), which
+``follow_last_stage`` replays on the follower's plain stage runner, and ``PipelineRolloutEngine``
+ends every generation with the rollouts (or the lead's error) so all stages return the same
+``Rollouts``. ``LastStagePlacement`` tells the trainer where the draft lives. See
+megatron_ext/inference.py for the runner itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import math
 import pickle
 from typing import Any
@@ -19,10 +21,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fastgrpo.backends.base import RolloutPlacement
-from fastgrpo.rollout.base import Rollouts
+from fastgrpo.rollout.base import RolloutPlacement, Rollouts
 
-_PREFILL, _FORWARD, _COMMIT, _DROP, _FINISH = range(1, 6)
+
+class PipeOp(enum.IntEnum):
+    """What a pipeline message asks the followers to do (its tensors are the call's arguments)."""
+
+    PREFILL = 1  # (tokens[B,P], lens[B], [max_batch, max_len]): build a runner and prefill
+    FORWARD = 2  # (tokens, positions_offset, offsets, visible): forward_block without logits
+    COMMIT = 3  # (keep, num_keep)
+    DROP = 4  # (rows,)
+    FINISH = 5  # (pickled object,): the generation is over
+
+
 _WIRE_DTYPES = (torch.int64, torch.bool, torch.uint8, torch.int32)
 
 
@@ -93,39 +104,45 @@ class PipeChannel:
     def share(self, obj: Any = None) -> Any:
         """The lead's ``obj`` on every stage (collective over the pipeline group)."""
         if self.lead:
-            self.send([(_FINISH, [self.object_tensor(obj)])])
+            self.send([(PipeOp.FINISH, [self.object_tensor(obj)])])
             return obj
         (_, (t,)), = self.recv()
         return self.tensor_object(t)
 
 
 # ---- pipeline parallelism: the last stage decodes, the others follow -----------------------------
+def replay(stage, op: int, args: list[torch.Tensor]) -> None:
+    """Run one announced call (not PREFILL or FINISH) on a follower's plain stage runner."""
+    if op == PipeOp.FORWARD:
+        stage.forward_block(*args, with_logits=False)
+    elif op == PipeOp.COMMIT:
+        stage.commit(*args)
+    elif op == PipeOp.DROP:
+        stage.drop_rows(*args)
+    else:
+        raise RuntimeError(f"unknown pipeline message {op}")
+
+
 @torch.no_grad()
 def follow_last_stage(runner_factory, channel: PipeChannel) -> Any:
     """A non-last pipeline stage's part of one generation: build a runner when the lead prefills,
-    run every forward / commit / drop it announces (stage-to-stage activations flow as in the
-    lead's forward), and return the object the lead's last message carries (``PipelineGenerator``:
-    the rollouts, or the lead's error as a string)."""
+    run every forward / commit / drop it announces on the runner's plain ``stage`` (stage-to-stage
+    activations flow as in the lead's forward), and return the object the lead's last message
+    carries (``PipelineRolloutEngine``: the rollouts, or the lead's error as a string)."""
     runner = None
     try:
         while True:
-            for code, args in channel.recv():
-                if code == _PREFILL:
+            for op, args in channel.recv():
+                if op == PipeOp.PREFILL:
                     if runner is not None:
                         runner.release()
                     max_batch, max_len = args[2].tolist()
                     runner = runner_factory(max_batch, max_len)
-                    runner._prefill(args[0], args[1])
-                elif code == _FORWARD:
-                    runner.forward_block(*args, with_logits=False)
-                elif code == _COMMIT:
-                    runner.commit(*args)
-                elif code == _DROP:
-                    runner.drop_rows(*args)
-                elif code == _FINISH:
+                    runner.stage.prefill_padded(args[0], args[1])
+                elif op == PipeOp.FINISH:
                     return channel.tensor_object(args[0])
                 else:
-                    raise RuntimeError(f"unknown pipeline message {code}")
+                    replay(runner.stage, op, args)
     finally:
         if runner is not None:
             runner.release()
@@ -135,35 +152,35 @@ class _LeadFailed(str):
     """What followers receive when the lead's generation raised."""
 
 
-class PipelineGenerator:
-    """``generate(prompts, params, generator) -> Rollouts`` on every rank of a pipeline (PP > 1).
+class PipelineRolloutEngine:
+    """``generate(prompts, params, rng) -> Rollouts`` on every rank of a pipeline (PP > 1).
 
-    The last stage runs ``generator`` (the ordinary Generator: draft, sampling, acceptance walk,
+    The last stage runs ``engine`` (the ordinary RolloutEngine: draft, sampling, acceptance walk,
     features) over MegatronTargetRunners that announce their calls; the other stages pass
-    ``generator=None`` and replay those calls (``follow_last_stage``). The lead's last message
+    ``engine=None`` and replay those calls (``follow_last_stage``). The lead's last message
     carries its rollouts without the features, so every stage returns the same token ids, log-probs,
     finish reasons and step stats (features exist on the last stage only); if the lead raised,
     the followers raise too instead of waiting for a forward that never comes."""
 
-    def __init__(self, generator, runner_factory, device: torch.device):
-        self.generator = generator
+    def __init__(self, engine, runner_factory, device: torch.device):
+        self.engine = engine
         self.runner_factory = runner_factory
         self.channel = PipeChannel(device)
-        if self.channel.lead != (generator is not None):
-            raise ValueError("the last pipeline stage runs the Generator; the other stages pass None")
+        if self.channel.lead != (engine is not None):
+            raise ValueError("the last pipeline stage runs the RolloutEngine; the other stages pass None")
 
     @property
     def capture_features(self) -> bool:
-        return bool(self.generator is not None and self.generator.capture_features)
+        return bool(self.engine is not None and self.engine.capture_features)
 
-    def generate(self, prompts: list[list[int]], params, generator: torch.Generator | None = None) -> Rollouts:
-        if self.generator is None:
+    def generate(self, prompts: list[list[int]], params, rng: torch.Generator | None = None) -> Rollouts:
+        if self.engine is None:
             out = follow_last_stage(self.runner_factory, self.channel)
             if isinstance(out, _LeadFailed):
                 raise RuntimeError(f"the last pipeline stage failed during generation: {out}")
             return out
         try:
-            rollouts = self.generator.generate(prompts, params, generator)
+            rollouts = self.engine.generate(prompts, params, rng)
         except BaseException as e:
             with contextlib.suppress(Exception):  # tell the followers; the original error wins
                 self.channel.share(_LeadFailed(f"{type(e).__name__}: {e}"))
@@ -181,9 +198,10 @@ class LastStagePlacement(RolloutPlacement):
     final hidden state is broadcast from the TP source rank), so each trains its own draft replica
     identically: no broadcast of draft weights, the same replicated work as the draft's proposals."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, local_decisions: bool = True):
         from megatron.core import parallel_state as ps
 
+        super().__init__(local_decisions)
         self.backend = backend
         self.device = backend.device
         self.lead = ps.is_pipeline_last_stage()
@@ -193,8 +211,8 @@ class LastStagePlacement(RolloutPlacement):
         # This lead sends to rank 0 when rank 0 is the first stage of its pipeline.
         self._sends_to_rank0 = self.lead and ps.get_pipeline_model_parallel_first_rank() == 0
 
-    def generator(self, generator):
-        return PipelineGenerator(generator, self.backend.target_runner, self.device)
+    def wrap_engine(self, engine):
+        return PipelineRolloutEngine(engine, self.backend.target_runner, self.device)
 
     def from_lead(self, obj):
         return self.channel.share(obj)

@@ -25,7 +25,7 @@ from fastgrpo.draft.eagle import EagleDraft
 from fastgrpo.draft.lm import LMProposer
 from fastgrpo.draft.proposer import EagleProposer
 from fastgrpo.rewards.registry import register_reward
-from fastgrpo.rollout import Generator, SamplingParams
+from fastgrpo.rollout import RolloutEngine, SamplingParams
 from fastgrpo.rollout.budget import BudgetController, BudgetParams
 from fastgrpo.rollout.hf_runner import (
     SUPPORTED_MODEL_TYPES,
@@ -111,13 +111,13 @@ def runner_factory(model):
 
 def generator(model, mode, proposer=None, capture_features=False):
     if mode == "ar":
-        return Generator(runner_factory(model), "ar", capture_features=capture_features)
+        return RolloutEngine(runner_factory(model), "ar", capture_features=capture_features)
     if mode == "static":
         ctrl, max_verify, slots = BudgetController.static(24, 4, 5), 24, 20
     else:
         params = BudgetParams(c_peak=64, n_max=64)
         ctrl, max_verify, slots = BudgetController(params), params.n_max, params.k_max * params.l_max
-    return Generator(runner_factory(model), mode, proposer_factory=proposer, budget_fn=ctrl.budget,
+    return RolloutEngine(runner_factory(model), mode, proposer_factory=proposer, budget_fn=ctrl.budget,
                      max_verify=max_verify, draft_slots=slots, capture_features=capture_features)
 
 

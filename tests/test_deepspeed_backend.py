@@ -31,7 +31,7 @@ from fastgrpo.backends.deepspeed_backend import check_same_dtypes
 from fastgrpo.backends.torch_backend import TorchBackend
 from fastgrpo.config import AlgoConfig, DeepSpeedConfig, OptimConfig
 from fastgrpo.rollout import SamplingParams
-from fastgrpo.rollout.generator import Generator
+from fastgrpo.rollout.generator import RolloutEngine
 
 # Float32 on both sides; the only difference is the order of the cross-rank gradient sums.
 LOSS_TOL = 1e-6
@@ -64,7 +64,7 @@ def perturbed_model():
 
 
 def greedy(runner_factory, prompts, max_new=10):
-    out = Generator(runner_factory, "ar").generate(prompts, SamplingParams(temperature=0, max_new_tokens=max_new))
+    out = RolloutEngine(runner_factory, "ar").generate(prompts, SamplingParams(temperature=0, max_new_tokens=max_new))
     return out.response_ids
 
 

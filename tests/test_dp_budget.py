@@ -15,7 +15,7 @@ from conftest import make_tiny_qwen2
 
 from fastgrpo.draft.eagle import EagleDraft
 from fastgrpo.draft.proposer import EagleProposer
-from fastgrpo.rollout import Generator, SamplingParams
+from fastgrpo.rollout import RolloutEngine, SamplingParams
 from fastgrpo.rollout.budget import BudgetController, BudgetParams
 from fastgrpo.rollout.hf_runner import HFTargetRunner
 
@@ -45,12 +45,12 @@ def _worker(rank, world, port, out_dir, mode):
             seen.append([ctrl.last_signal.aggregated, out.n_verify, out.k, out.depth])
             return out
 
-        gen = Generator(lambda b, n: HFTargetRunner(model, b, n), "fastgrpo", budget_fn=budget,
+        gen = RolloutEngine(lambda b, n: HFTargetRunner(model, b, n), "fastgrpo", budget_fn=budget,
                         proposer_factory=lambda b, n, s: EagleProposer(draft, b, n, s),
                         max_verify=params.n_max, draft_slots=params.k_max * params.l_max, controller=ctrl)
         sp = SamplingParams(temperature=0, max_new_tokens=LENGTHS[rank])
         out = gen.generate(PROMPTS[rank], sp)
-        ar = Generator(lambda b, n: HFTargetRunner(model, b, n), "ar").generate(PROMPTS[rank], sp)
+        ar = RolloutEngine(lambda b, n: HFTargetRunner(model, b, n), "ar").generate(PROMPTS[rank], sp)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump({"seen": seen, "equal_ar": out.response_ids == ar.response_ids}, f)
         dist.barrier()

@@ -10,8 +10,8 @@ from conftest import make_tiny_qwen2
 from test_speculative import spec_generator
 
 from fastgrpo.draft.eagle import EagleDraft
-from fastgrpo.draft.learner import DraftLearner, draft_loss, sequences_from_rollouts
-from fastgrpo.rollout import Generator, SamplingParams
+from fastgrpo.draft.learner import EagleDraftLearner, draft_loss, sequences_from_rollouts
+from fastgrpo.rollout import RolloutEngine, SamplingParams
 from fastgrpo.rollout.hf_runner import HFTargetRunner
 
 
@@ -20,7 +20,7 @@ def test_captured_features_equal_a_full_forward():
     prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
     for mode in ("ar", "fastgrpo"):
         if mode == "ar":
-            gen = Generator(lambda b, n: HFTargetRunner(model, b, n), "ar", capture_features=True)
+            gen = RolloutEngine(lambda b, n: HFTargetRunner(model, b, n), "ar", capture_features=True)
         else:
             gen = spec_generator(model, EagleDraft(model))
             gen.capture_features = True
@@ -35,7 +35,7 @@ def test_captured_features_equal_a_full_forward():
 
 def heldout_agreement(draft, seqs):
     with torch.no_grad():
-        hidden, tokens, mask = DraftLearner._collate(seqs, "cpu", torch.float32)
+        hidden, tokens, mask = EagleDraftLearner._collate(seqs, "cpu", torch.float32)
         return draft_loss(draft, hidden, tokens, mask)[1]["top1"] / max(float(mask[:, :-1].sum()), 1.0)
 
 
@@ -49,11 +49,11 @@ def test_learner_raises_top1_agreement_and_acceptance():
     start_state = {k: v.clone() for k, v in draft.state_dict().items()}
     prompts = [[1 + (i % 13), 2 + (i % 7), 3] for i in range(32)]
     params = SamplingParams(temperature=1.0, max_new_tokens=24)
-    gen = Generator(lambda b, n: HFTargetRunner(model, b, n), "ar", capture_features=True)
+    gen = RolloutEngine(lambda b, n: HFTargetRunner(model, b, n), "ar", capture_features=True)
     train = sequences_from_rollouts(gen.generate(prompts, params, torch.Generator().manual_seed(0)))
     heldout = sequences_from_rollouts(gen.generate(prompts, params, torch.Generator().manual_seed(99)))
     before = heldout_agreement(draft, heldout)
-    learner = DraftLearner(draft, lr=1e-2)
+    learner = EagleDraftLearner(draft, lr=1e-2)
     first = learner.update(train)["draft/top1_agreement"]
     for _ in range(24):
         last = learner.update(train)["draft/top1_agreement"]

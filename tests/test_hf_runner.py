@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_tiny_qwen2
 
-from fastgrpo.rollout import Generator, SamplingParams
+from fastgrpo.rollout import RolloutEngine, SamplingParams
 from fastgrpo.rollout.hf_runner import HFTargetRunner
 
 
@@ -51,7 +51,7 @@ def test_tree_forward_commit_and_drop_match_full_forward(attn):
 
 def test_greedy_ar_equals_hf_generate(tiny_qwen2):
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]]
-    gen = Generator(lambda b, L: HFTargetRunner(tiny_qwen2, b, L), "ar")
+    gen = RolloutEngine(lambda b, L: HFTargetRunner(tiny_qwen2, b, L), "ar")
     out = gen.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
     for p, resp in zip(prompts, out.response_ids):
         ref = tiny_qwen2.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
@@ -61,7 +61,7 @@ def test_greedy_ar_equals_hf_generate(tiny_qwen2):
 
 def test_ragged_stop_and_length(tiny_qwen2):
     prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
-    gen = Generator(lambda b, L: HFTargetRunner(tiny_qwen2, b, L), "ar")
+    gen = RolloutEngine(lambda b, L: HFTargetRunner(tiny_qwen2, b, L), "ar")
     free = gen.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10))
     assert all(len(r) == 10 for r in free.response_ids) and set(free.finish_reasons) == {"length"}
     # Stop on the token greedy row 0 emits at position 3: row 0 ends there, others run on.
@@ -79,12 +79,12 @@ def test_ragged_stop_and_length(tiny_qwen2):
 
 
 def test_empty_batch_and_bad_prompt(tiny_qwen2):
-    gen = Generator(lambda b, L: HFTargetRunner(tiny_qwen2, b, L), "ar")
+    gen = RolloutEngine(lambda b, L: HFTargetRunner(tiny_qwen2, b, L), "ar")
     assert gen.generate([], SamplingParams()).response_ids == []
     with pytest.raises(ValueError, match="empty prompt"):
         gen.generate([[1], []], SamplingParams())
     with pytest.raises(ValueError, match="unknown rollout mode"):
-        Generator(lambda b, L: None, "nope")
+        RolloutEngine(lambda b, L: None, "nope")
 
 
 def test_group_prefill_equals_one_prefill_per_row():
@@ -92,7 +92,7 @@ def test_group_prefill_equals_one_prefill_per_row():
     hidden states and cached K/V as prefilling every row, and the same rollouts."""
     from conftest import make_tiny_qwen2
 
-    from fastgrpo.rollout import Generator, SamplingParams
+    from fastgrpo.rollout import RolloutEngine, SamplingParams
     from fastgrpo.rollout.generator import group_prompts, prefill_groups
 
     model = make_tiny_qwen2(vocab=40, seed=5)
@@ -115,8 +115,8 @@ def test_group_prefill_equals_one_prefill_per_row():
     factory = lambda b, n: HFTargetRunner(model, b, n)
     for params in (SamplingParams(temperature=0, max_new_tokens=12),
                    SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12)):
-        one = Generator(factory, "ar", group_prefill=False).generate(prompts, params, torch.Generator().manual_seed(3))
-        grp = Generator(factory, "ar").generate(prompts, params, torch.Generator().manual_seed(3))
+        one = RolloutEngine(factory, "ar", group_prefill=False).generate(prompts, params, torch.Generator().manual_seed(3))
+        grp = RolloutEngine(factory, "ar").generate(prompts, params, torch.Generator().manual_seed(3))
         assert grp.response_ids == one.response_ids
         for a, b in zip(grp.logprobs, one.logprobs):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

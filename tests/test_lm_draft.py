@@ -17,7 +17,7 @@ from fastgrpo.config import DraftConfig
 from fastgrpo.draft import build_draft_components
 from fastgrpo.draft.learner import sequences_from_rollouts
 from fastgrpo.draft.lm import LMDraftLearner, LMProposer, build_lm_draft, collate_lm, lm_distill_loss
-from fastgrpo.rollout import Generator, SamplingParams
+from fastgrpo.rollout import RolloutEngine, SamplingParams
 from fastgrpo.rollout.budget import BudgetController
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 1, 2, 3, 4], [3]]
@@ -52,10 +52,10 @@ def target():
 @pytest.mark.parametrize("draft_kind", ["untrained", "copy"])
 def test_greedy_equals_ar_with_stop_token(target, draft_kind):
     draft = copy.deepcopy(target) if draft_kind == "copy" else build_lm_draft(DraftConfig(kind="lm"), target)
-    free = Generator(runner_factory(target), "ar").generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=30))
+    free = RolloutEngine(runner_factory(target), "ar").generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=30))
     stop = free.response_ids[1][6]
     p = SamplingParams(temperature=0, max_new_tokens=30, stop_token_ids=(stop,))
-    ar = Generator(runner_factory(target), "ar").generate(PROMPTS, p)
+    ar = RolloutEngine(runner_factory(target), "ar").generate(PROMPTS, p)
     assert "stop" in ar.finish_reasons and len({len(r) for r in ar.response_ids}) > 1  # ragged rows
     # (n_verify, K, depth): every candidate kept (1 + K + (depth-1) K^2 nodes), and a plain chain.
     for static in [(31, 3, 4), (6, 1, 5)]:
@@ -101,7 +101,7 @@ def test_learner_raises_top1_agreement_and_acceptance(target):
     start_state = {k: v.clone() for k, v in draft.state_dict().items()}
     prompts = [[1 + (i % 13), 2 + (i % 7), 3] for i in range(24)]
     params = SamplingParams(temperature=1.0, max_new_tokens=16)
-    gen = Generator(runner_factory(target), "ar", capture_features=True)
+    gen = RolloutEngine(runner_factory(target), "ar", capture_features=True)
     train = sequences_from_rollouts(gen.generate(prompts, params, torch.Generator().manual_seed(0)))
     heldout = sequences_from_rollouts(gen.generate(prompts, params, torch.Generator().manual_seed(99)))
     head = target.get_output_embeddings()
@@ -160,10 +160,10 @@ def test_vocab_mismatch_refused_and_padded_vocab_accepted(target, tmp_path):
     draft, factory, learner = build_draft_components(DraftConfig(kind="lm", init_path=padded), target, _Tok(16))
     with torch.no_grad():  # make the draft prefer the ids the target lacks
         draft.get_output_embeddings().weight[16:] *= 50
-    gen = Generator(runner_factory(target), "static", proposer_factory=factory,
+    gen = RolloutEngine(runner_factory(target), "static", proposer_factory=factory,
                     budget_fn=BudgetController.static(8, 4, 3).budget, max_verify=8, draft_slots=12)
     p = SamplingParams(temperature=0, max_new_tokens=10)
-    ar = Generator(runner_factory(target), "ar").generate(PROMPTS, p)
+    ar = RolloutEngine(runner_factory(target), "ar").generate(PROMPTS, p)
     assert gen.generate(PROMPTS, p).response_ids == ar.response_ids
     gen.capture_features = True
     out = gen.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=10), torch.Generator().manual_seed(0))
@@ -185,11 +185,11 @@ def test_build_draft_components_kinds(target, tmp_path):
     torch.save({"draft": draft.state_dict()}, path)
     again = build_lm_draft(DraftConfig(kind="lm", init_path=str(path)), target)
     assert all(torch.equal(a, b) for a, b in zip(draft.state_dict().values(), again.state_dict().values()))
-    from fastgrpo.draft import DraftLearner, EagleDraft
+    from fastgrpo.draft import EagleDraft, EagleDraftLearner
     from fastgrpo.draft.proposer import EagleProposer
 
     draft, factory, learner = build_draft_components(DraftConfig(kind="eagle"), target)
-    assert isinstance(draft, EagleDraft) and isinstance(learner, DraftLearner)
+    assert isinstance(draft, EagleDraft) and isinstance(learner, EagleDraftLearner)
     assert isinstance(factory(2, 16, 4), EagleProposer)
     with pytest.raises(ValueError, match="choose one of"):
         build_draft_components(DraftConfig(kind="medusa"), target)

@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 from conftest import make_tiny_qwen2
 from test_speculative import PROMPTS
 
-from fastgrpo.rollout import Generator, SamplingParams
+from fastgrpo.rollout import RolloutEngine, SamplingParams
 from fastgrpo.rollout.hf_runner import HFTargetRunner
 
 VOCAB, SEED, HIDDEN = 12, 3, 64  # make_tiny_qwen2's hidden size; trees here stay below both widths
@@ -88,10 +88,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
+        from fastgrpo.assembly import build_rollout_components
         from fastgrpo.backends import build_backend
         from fastgrpo.config import AlgoConfig, DraftConfig, MegatronConfig, OptimConfig, RolloutConfig
         from fastgrpo.draft import sequences_from_rollouts
-        from fastgrpo.rollout.factory import build_rollout_components
         from megatron_ext import pipeline_rollouts
 
         hf = make_tiny_qwen2(vocab=VOCAB, seed=SEED)
@@ -157,7 +157,7 @@ def test_pp2_last_stage_draft_equals_greedy_ar_and_sends_no_activations(ranks):
     assert (first["lead"], first["draft"], first["learner"], first["heads"], first["capture"]) == (False,) * 5
     assert (last["lead"], last["draft"], last["learner"], last["heads"], last["capture"]) == (True,) * 5
     hf = make_tiny_qwen2(vocab=VOCAB, seed=SEED)
-    ar = Generator(lambda b, n: HFTargetRunner(hf, b, n), "ar").generate(PROMPTS, GREEDY)
+    ar = RolloutEngine(lambda b, n: HFTargetRunner(hf, b, n), "ar").generate(PROMPTS, GREEDY)
     ids, logprobs, reasons, steps, _ = last["greedy"]
     assert ids == ar.response_ids and reasons == ar.finish_reasons
     for a, b in zip(ar.logprobs, logprobs):
@@ -265,7 +265,7 @@ def _bench_worker(rank: int, world: int, port: int, args, out: str) -> None:
         from fastgrpo.draft.eagle import EagleDraft
         from fastgrpo.draft.proposer import EagleProposer
         from fastgrpo.models import load_policy
-        from fastgrpo.rollout import Generator, SamplingParams
+        from fastgrpo.rollout import RolloutEngine, SamplingParams
         from fastgrpo.rollout.budget import BudgetController, BudgetParams
         from megatron_ext import inference
         from megatron_ext.convert import load_hf_into_megatron
@@ -291,11 +291,11 @@ def _bench_worker(rank: int, world: int, port: int, args, out: str) -> None:
             draft = EagleDraft(hf)
             params = BudgetParams(c_peak=args.c_peak, n_max=min(160, args.c_peak))
             ctrl = BudgetController(params)
-            gen = Generator(factory, "fastgrpo", proposer_factory=lambda b, n, s: EagleProposer(draft, b, n, s),
+            gen = RolloutEngine(factory, "fastgrpo", proposer_factory=lambda b, n, s: EagleProposer(draft, b, n, s),
                             budget_fn=ctrl.budget, max_verify=params.n_max, draft_slots=params.k_max * params.l_max)
             gen.capture_features = True  # as with the online learner
         if new:
-            gen = pipeline_rollouts.PipelineGenerator(gen, factory, torch.device("cpu"))
+            gen = pipeline_rollouts.PipelineRolloutEngine(gen, factory, torch.device("cpu"))
         g = torch.Generator().manual_seed(0)
         vocab = hf.config.vocab_size
         prompts = [torch.randint(3, vocab, (int(torch.randint(8, 24, (1,), generator=g)),), generator=g).tolist()

@@ -7,7 +7,7 @@ tree and fastgrpo speculative generation with an EAGLE draft is token-for-token 
 model at temperature 0; at temperature 1 (and top-p 0.9) the joint distribution of three tokens
 passes the chi-square test against the exact one, which rejects an argmax-matching verifier; every
 rank emits identical rollouts, and ranks seeded differently are stopped by the agreement check.
-Under PP the last stage runs the generator and the other stages follow it (PipelineGenerator); the
+Under PP the last stage runs the generator and the other stages follow it (PipelineRolloutEngine); the
 runner parity is checked on the last stage while the first follows.
 
 ``python tests/test_megatron_speculative.py bench`` times a decode step, PP=2 against TP=1.
@@ -26,7 +26,7 @@ from conftest import make_tiny_qwen2
 from test_sampling import _chi2_pvalue
 from test_speculative import PROMPTS, bad_draft, biased_argmax_verifier, exact_joint3, joint3_counts
 
-from fastgrpo.rollout import Generator, SamplingParams
+from fastgrpo.rollout import RolloutEngine, SamplingParams
 from fastgrpo.rollout.hf_runner import HFTargetRunner
 
 SPAWNS = {2: ((2, 1), (1, 2)), 4: ((2, 2),)}  # world size -> the (TP, PP) layouts one spawn runs
@@ -65,7 +65,7 @@ def _spec_generator(runner_factory, draft, mode="static", c_peak=64, verifier=No
         params = BudgetParams(c_peak=c_peak, n_max=min(c_peak, 160))
         ctrl = BudgetController(params)
         max_verify, slots = params.n_max, params.k_max * params.l_max
-    return Generator(runner_factory, mode, verifier=verifier, proposer_factory=lambda b, n, s: EagleProposer(draft, b, n, s),
+    return RolloutEngine(runner_factory, mode, verifier=verifier, proposer_factory=lambda b, n, s: EagleProposer(draft, b, n, s),
                      budget_fn=ctrl.budget, max_verify=max_verify, draft_slots=slots)
 
 
@@ -133,7 +133,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from fastgrpo.draft.eagle import EagleDraft
     from megatron_ext.inference import MegatronTargetRunner
-    from megatron_ext.pipeline_rollouts import PipeChannel, PipelineGenerator, follow_last_stage
+    from megatron_ext.pipeline_rollouts import PipeChannel, PipelineRolloutEngine, follow_last_stage
 
     try:
         hf = make_tiny_qwen2(vocab=VOCAB, seed=SEED)
@@ -148,7 +148,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
             def spec(*args, pp=pp, lead=lead, factory=factory, **kwargs):
                 gen = _spec_generator(factory, *args, **kwargs) if lead else None
-                return PipelineGenerator(gen, factory, cpu) if pp > 1 else gen
+                return PipelineRolloutEngine(gen, factory, cpu) if pp > 1 else gen
 
             out = {"parity": None, "greedy": {}, "times": {}}
             if lead:
@@ -223,7 +223,7 @@ def test_runner_logits_and_hidden_equal_hf_runner(results, tp, pp):
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=IDS)
 def test_greedy_speculative_equals_hf_ar(results, hf_model, tp, pp):
-    ar = Generator(lambda b, n: HFTargetRunner(hf_model, b, n), "ar").generate(PROMPTS, GREEDY)
+    ar = RolloutEngine(lambda b, n: HFTargetRunner(hf_model, b, n), "ar").generate(PROMPTS, GREEDY)
     for mode in ("static", "fastgrpo"):
         for rank, res in enumerate(results(tp, pp)):
             ids, logprobs, n_verify = res["greedy"][mode]

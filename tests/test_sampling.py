@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from fastgrpo.rollout import Generator, SamplingParams
+from fastgrpo.rollout import RolloutEngine, SamplingParams
 from fastgrpo.rollout.hf_runner import HFTargetRunner
 from fastgrpo.rollout.sampling import processed_logprobs, sample_from_logprobs
 
@@ -71,7 +71,7 @@ def test_ar_sampling_matches_processed_distribution(tiny_qwen2, params):
     vocab = tiny_qwen2.config.vocab_size
     prompt = [3, 7, 1]
     n = 4000
-    gen = Generator(lambda b, L: HFTargetRunner(tiny_qwen2, b, L), "ar")
+    gen = RolloutEngine(lambda b, L: HFTargetRunner(tiny_qwen2, b, L), "ar")
     out = gen.generate([prompt] * n, params, torch.Generator().manual_seed(1))
     counts = _joint_counts(out.response_ids, vocab)
     exact = _exact_joint(tiny_qwen2, prompt, params, vocab)

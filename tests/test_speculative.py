@@ -11,7 +11,7 @@ from test_sampling import _chi2_pvalue
 from fastgrpo.draft.eagle import EagleDraft
 from fastgrpo.draft.proposer import EagleProposer
 from fastgrpo.draft.suffix import HybridProposer, SuffixProposer, SuffixStore
-from fastgrpo.rollout import Generator, SamplingParams
+from fastgrpo.rollout import RolloutEngine, SamplingParams
 from fastgrpo.rollout.budget import BudgetController, BudgetParams
 from fastgrpo.rollout.cost_model import CostModelParams, CostModelPolicy, LatencyCurve
 from fastgrpo.rollout.hf_runner import HFTargetRunner
@@ -25,7 +25,7 @@ def runner_factory(model):
 
 
 def spec_generator(model, draft, mode="fastgrpo", c_peak=64, verifier=None, static=(60, 10, 6), proposer=None):
-    """A speculative Generator over ``model``; ``proposer(b, max_len, slots)`` defaults to an
+    """A speculative RolloutEngine over ``model``; ``proposer(b, max_len, slots)`` defaults to an
     EagleProposer over ``draft``."""
     if mode == "static":
         ctrl = BudgetController.static(*static)
@@ -44,7 +44,7 @@ def spec_generator(model, draft, mode="fastgrpo", c_peak=64, verifier=None, stat
         proposer = (lambda b, m, s: SuffixProposer(b, store)) if proposer == "suffix" else \
             (lambda b, m, s: HybridProposer(EagleProposer(draft, b, m, s), SuffixProposer(b, store)))
     proposer = proposer or (lambda b, max_len, s: EagleProposer(draft, b, max_len, s))
-    return Generator(runner_factory(model), mode, verifier=verifier, proposer_factory=proposer,
+    return RolloutEngine(runner_factory(model), mode, verifier=verifier, proposer_factory=proposer,
                      budget_fn=ctrl.budget, max_verify=max_verify, draft_slots=slots, controller=ctrl)
 
 
@@ -70,7 +70,7 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 1, 2, 3, 4], [3]]
 def test_greedy_equals_ar_token_for_token(model, mode, draft_kind):
     draft = EagleDraft(model) if draft_kind == "identity" else bad_draft(model)
     p = SamplingParams(temperature=0, max_new_tokens=40)
-    ar = Generator(runner_factory(model), "ar").generate(PROMPTS, p)
+    ar = RolloutEngine(runner_factory(model), "ar").generate(PROMPTS, p)
     sp = spec_generator(model, draft, mode).generate(PROMPTS, p)
     assert sp.response_ids == ar.response_ids
     assert max(s.n_verify for s in sp.steps) > 1  # the speculative path really ran
@@ -80,10 +80,10 @@ def test_greedy_equals_ar_token_for_token(model, mode, draft_kind):
 
 def test_stop_token_and_length_inside_accepted_path(model):
     draft = EagleDraft(model)
-    free = Generator(runner_factory(model), "ar").generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=25))
+    free = RolloutEngine(runner_factory(model), "ar").generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=25))
     stop = free.response_ids[1][6]
     p = SamplingParams(temperature=0, max_new_tokens=25, stop_token_ids=(stop,))
-    ar = Generator(runner_factory(model), "ar").generate(PROMPTS, p)
+    ar = RolloutEngine(runner_factory(model), "ar").generate(PROMPTS, p)
     sp = spec_generator(model, draft).generate(PROMPTS, p)
     assert sp.response_ids == ar.response_ids and sp.finish_reasons == ar.finish_reasons
     assert "stop" in sp.finish_reasons
@@ -111,7 +111,7 @@ def test_above_c_peak_is_plain_ar_with_identical_draws(model):
     AR mode, so sampling is identical draw for draw."""
     prompts = PROMPTS * 4  # 16 rows
     params = SamplingParams(temperature=1.0, max_new_tokens=15)
-    ar = Generator(runner_factory(model), "ar").generate(prompts, params, torch.Generator().manual_seed(5))
+    ar = RolloutEngine(runner_factory(model), "ar").generate(prompts, params, torch.Generator().manual_seed(5))
     sp = spec_generator(model, EagleDraft(model), c_peak=8).generate(prompts, params, torch.Generator().manual_seed(5))
     assert all(s.n_verify == 1 for s in sp.steps if s.concurrency > 4)
     assert sp.response_ids == ar.response_ids
@@ -168,7 +168,7 @@ def test_speculative_sampling_is_lossless(model, params, draft_kind, policy):
         curve = LatencyCurve([(1, 1.0), (n, 1.0), (4 * n, 1.3), (16 * n, 30.0)])
         ctrl = CostModelPolicy(CostModelParams(t_max=10, k_max=4, l_max=3), target=curve)
         ctrl._pick_arm = lambda bucket: 1  # always the widest draft shape: this test is about the cut trees
-        gen = Generator(runner_factory(model), "fastgrpo", proposer_factory=lambda b, m, s: EagleProposer(draft, b, m, s),
+        gen = RolloutEngine(runner_factory(model), "fastgrpo", proposer_factory=lambda b, m, s: EagleProposer(draft, b, m, s),
                         budget_fn=ctrl.budget, max_verify=10, draft_slots=12, controller=ctrl)
     out = gen.generate([prompt] * n, params, torch.Generator().manual_seed(11))
     assert max(s.n_verify for s in out.steps) > 2 and out.mean_accepted_len > 1.0  # trees were really verified
@@ -184,7 +184,7 @@ def test_speculative_sampling_is_lossless(model, params, draft_kind, policy):
 
 def test_every_row_done_at_the_first_token(model):
     """A stop token as every row's first sample: no engine step runs, nothing is left cached."""
-    first = Generator(runner_factory(model), "ar").generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=1))
+    first = RolloutEngine(runner_factory(model), "ar").generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=1))
     stops = tuple(sorted({r[0] for r in first.response_ids}))
     out = spec_generator(model, EagleDraft(model)).generate(
         PROMPTS, SamplingParams(temperature=0, max_new_tokens=20, stop_token_ids=stops))
@@ -201,7 +201,7 @@ def test_sampled_rollouts_are_the_same_function_of_the_seed_as_ar(model, mode):
     a determinism guarantee."""
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=20)
     prompts = PROMPTS * 3
-    ar = Generator(runner_factory(model), "ar").generate(prompts, params, torch.Generator().manual_seed(21))
+    ar = RolloutEngine(runner_factory(model), "ar").generate(prompts, params, torch.Generator().manual_seed(21))
     sp = spec_generator(model, EagleDraft(model), mode=mode).generate(prompts, params, torch.Generator().manual_seed(21))
     # Trees were accepted, not AR steps in disguise (cost_model: whether trees pay is timing, so
     # only that its exploration verified some).
@@ -209,7 +209,7 @@ def test_sampled_rollouts_are_the_same_function_of_the_seed_as_ar(model, mode):
     assert sp.response_ids == ar.response_ids
     for a, b in zip(sp.logprobs, ar.logprobs):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    other = Generator(runner_factory(model), "ar").generate(prompts, params, torch.Generator().manual_seed(22))
+    other = RolloutEngine(runner_factory(model), "ar").generate(prompts, params, torch.Generator().manual_seed(22))
     assert other.response_ids != ar.response_ids  # the seed does matter
 
 
@@ -244,7 +244,7 @@ def test_sibling_drafts_greedy_equal_ar(model, kind, mode):
     index siblings to match, so trees are accepted."""
     p = SamplingParams(temperature=0, max_new_tokens=30)
     prompts = PROMPTS * 3
-    ar = Generator(runner_factory(model), "ar").generate(prompts, p)
+    ar = RolloutEngine(runner_factory(model), "ar").generate(prompts, p)
     sp = spec_generator(model, bad_draft(model), mode=mode, proposer=kind).generate(prompts, p)
     assert sp.response_ids == ar.response_ids
     for a, b in zip(sp.logprobs, ar.logprobs):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fastgrpo.rollout.base import TargetRunner
+from fastgrpo.rollout.base import RolloutPlacement, TargetRunner
 
 
 @dataclass
@@ -69,38 +69,6 @@ def build_policy_batch(prompts: list[list[int]], responses: list[list[int]], pad
         attn[i, : len(p) + len(r)] = True
         loss[i, len(p): len(p) + len(r)] = True
     return PolicyBatch(ids, attn, loss, advantages)
-
-
-class RolloutPlacement:
-    """Which ranks decode and hold the online draft, and how their results reach the others.
-
-    The default (every backend and layout but megatron with pipeline parallelism): every rank is a
-    *lead*: it runs the Generator (draft, sampling, acceptance walk, feature capture) and holds and
-    trains a draft replica, whose gradients are summed over the default group. Megatron with PP > 1
-    (megatron_ext.pipeline_rollouts.LastStagePlacement) makes the last stage the only lead."""
-
-    lead: bool = True
-    # The lead ranks' process group the draft's gradients and the concurrency signal are reduced
-    # over (None: the default group).
-    group: Any = None
-    # Whether a lead may choose its trees from its own measurements. False where several leads
-    # drive one model replica (tensor parallel): they must verify identical trees, so a budget
-    # policy that decides from timings (rollout.policy=cost_model) is replaced by the formula.
-    local_decisions: bool = True
-
-    def generator(self, generator):
-        """What the trainer calls ``generate`` on: ``generator`` (built on lead ranks only, None
-        elsewhere) or a wrapper that lets the other ranks take part and get the same rollouts."""
-        return generator
-
-    def from_lead(self, obj):
-        """The lead's ``obj`` on every rank of its model-parallel group (collective)."""
-        return obj
-
-    def to_rank0(self, obj):
-        """A lead's ``obj`` on global rank 0, which writes the checkpoint (collective; other ranks
-        get their own ``obj`` back)."""
-        return obj
 
 
 def run_updates(batch: PolicyBatch, n_updates: int, old: torch.Tensor | None, ref: torch.Tensor | None,
@@ -164,7 +132,7 @@ class PolicyBackend(ABC):
         return self.model.get_input_embeddings(), self.model.get_output_embeddings()
 
     def rollout_placement(self) -> RolloutPlacement:
-        """Where the Generator and the online draft run (default: every rank)."""
+        """Where the RolloutEngine and the online draft run (default: every rank)."""
         return RolloutPlacement()
 
     @abstractmethod

@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 
 from fastgrpo.algo import grpo_loss
-from fastgrpo.backends.base import PolicyBackend, PolicyBatch, RolloutPlacement, run_updates
+from fastgrpo.backends.base import PolicyBackend, PolicyBatch, run_updates
 from fastgrpo.backends.torch_backend import _read_safetensors, build_scheduler, write_hf
 from fastgrpo.config import AlgoConfig, MegatronConfig, OptimConfig
-from fastgrpo.rollout.base import TargetRunner
+from fastgrpo.rollout.base import RolloutPlacement, TargetRunner
 
 SHARDS_SUBDIR = "megatron"
 _SUMS = ("loss", "pg_loss", "kl", "clip_frac", "ratio_mean", "tokens")  # accumulated on the last stage
@@ -228,14 +228,11 @@ class MegatronBackend(PolicyBackend):
         the last stage does, the other stages follow it (megatron_ext.pipeline_rollouts.LastStagePlacement)."""
         tp1 = self.engine.layout.tp_size == 1  # TP ranks of a replica must verify the same trees
         if not self._last_stage_draft:
-            placement = RolloutPlacement()
-            placement.local_decisions = tp1
-            return placement
+            return RolloutPlacement(local_decisions=tp1)
         if self._placement is None:
             from megatron_ext.pipeline_rollouts import LastStagePlacement
 
-            self._placement = LastStagePlacement(self)
-            self._placement.local_decisions = tp1
+            self._placement = LastStagePlacement(self, local_decisions=tp1)
         return self._placement
 
     def draft_heads(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from fastgrpo.assembly import build_generator
 from fastgrpo.config import RolloutConfig
 from fastgrpo.rollout import SamplingParams
-from fastgrpo.rollout.factory import build_generator
 from fastgrpo.rollout.hf_runner import HFTargetRunner
 
 MODE_OVERRIDES: dict[str, dict] = {

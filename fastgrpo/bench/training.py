@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
+from fastgrpo.assembly import build_generator
 from fastgrpo.config import FastGRPOConfig, RolloutConfig
 from fastgrpo.draft import EagleDraft
 from fastgrpo.rollout import SamplingParams
-from fastgrpo.rollout.factory import build_generator
 
 
 def bench_config(target_folder: Path, out_dir: Path, mode: str, steps: int, c_peak: int, draft_init: str | None,

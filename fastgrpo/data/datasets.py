@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastgrpo.config import DataConfig
+from fastgrpo.data.example import Example
+from fastgrpo.data.synthetic import synthetic_splits
 
 DATA_KINDS = ("synthetic", "gsm8k", "prompt_answer")
 FILE_KINDS = ("gsm8k", "prompt_answer")
@@ -35,19 +37,6 @@ SUPPORTED_EXTENSIONS = (".jsonl", ".parquet")
 
 class DataError(ValueError):
     """Bad input data or data configuration; the message names the file, line/row and field."""
-
-
-@dataclass
-class Example:
-    prompt: str
-    # Ground-truth final answer (what the accuracy reward verifies against).
-    answer: str
-    # Full reference response when known (GSM8K, synthetic); used by the SFT warm-up.
-    solution: str | None = None
-    # Where it came from ("train.jsonl:17", "x.parquet row 3"), for error messages only.
-    source: str | None = field(default=None, compare=False, repr=False)
-    # The file row's other top-level fields (for reward functions); empty for synthetic rows.
-    columns: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -339,8 +328,6 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[PromptDataset, Prom
     if cfg.test_size < 1:
         raise DataError(f"data.test_size must be >= 1, got {cfg.test_size}")
     if cfg.kind == "synthetic":
-        from fastgrpo.data.synthetic import synthetic_splits
-
         try:
             train_ex, test_ex = synthetic_splits(cfg.synthetic)
         except ValueError as e:

@@ -22,7 +22,7 @@ import random
 from collections.abc import Iterator
 
 from fastgrpo.config import SyntheticTaskConfig
-from fastgrpo.data.datasets import Example
+from fastgrpo.data.example import Example
 
 # (name, pronoun)
 NAMES: tuple[tuple[str, str], ...] = (

@@ -9,7 +9,7 @@ import torch
 from fastgrpo.config import DraftConfig
 from fastgrpo.draft.eagle import EagleDraft
 from fastgrpo.draft.learner import (
-    DraftLearner,
+    EagleDraftLearner,
     check_draft_state,
     read_draft_meta,
     read_draft_state,
@@ -49,7 +49,7 @@ def build_draft_components(cfg: DraftConfig, target: torch.nn.Module, tokenizer=
     """-> (draft module, proposer factory ``(max_batch, max_len, tree_slots) -> proposer``, online
     learner or None when ``cfg.online`` is off) for ``cfg.kind``:
 
-    - ``eagle``: an EAGLE head on the target's hidden states (EagleProposer + DraftLearner);
+    - ``eagle``: an EAGLE head on the target's hidden states (EagleProposer + EagleDraftLearner);
     - ``lm``: an independent small causal LM sharing the target's tokenizer (LMProposer +
       LMDraftLearner, online distillation; see fastgrpo.draft.lm.build_lm_draft for where the
       model comes from).
@@ -69,7 +69,7 @@ def build_draft_components(cfg: DraftConfig, target: torch.nn.Module, tokenizer=
         from fastgrpo.draft.proposer import EagleProposer
 
         draft = build_draft(cfg, target, heads)
-        learner = (DraftLearner(draft, lr=cfg.lr, weight_decay=cfg.weight_decay, token_budget=cfg.token_budget,
+        learner = (EagleDraftLearner(draft, lr=cfg.lr, weight_decay=cfg.weight_decay, token_budget=cfg.token_budget,
                                 group=group) if cfg.online else None)
         if cfg.kind == "hybrid":
             return draft, (lambda b, max_len, slots: HybridProposer(EagleProposer(draft, b, max_len, slots),
@@ -85,5 +85,12 @@ def build_draft_components(cfg: DraftConfig, target: torch.nn.Module, tokenizer=
     return lm, (lambda b, max_len, slots: LMProposer(lm, b, max_len, slots, vocab_size=vocab)), learner
 
 
-__all__ = ["DRAFT_KINDS", "DraftLearner", "EagleDraft", "build_draft", "build_draft_components",
-           "load_draft_weights", "sequences_from_rollouts"]
+__all__ = [
+    "DRAFT_KINDS",
+    "EagleDraft",
+    "EagleDraftLearner",
+    "build_draft",
+    "build_draft_components",
+    "load_draft_weights",
+    "sequences_from_rollouts",
+]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgrpo.rollout.hf_runner import RaggedKVCache, additive_mask
+from fastgrpo.rollout.kv_cache import RaggedKVCache, additive_mask
 
 
 class EagleDraft(nn.Module):

@@ -31,7 +31,7 @@ class DraftSequence:
 
 def sequences_from_rollouts(rollouts) -> list[DraftSequence]:
     if rollouts.features is None:
-        raise ValueError("these rollouts carry no features: build the Generator with capture_features=True")
+        raise ValueError("these rollouts carry no features: build the RolloutEngine with capture_features=True")
     out = []
     for p, r, h in zip(rollouts.prompt_ids, rollouts.response_ids, rollouts.features):
         if len(r) >= 2:  # at least one (input, target) pair inside the response
@@ -191,7 +191,7 @@ class OnlineDraftLearner:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-class DraftLearner(OnlineDraftLearner):
+class EagleDraftLearner(OnlineDraftLearner):
     """The EAGLE head's learner: 2.0 x SmoothL1 on the next hidden state + 0.1 x soft CE."""
 
     metric_names: ClassVar[dict[str, str]] = {"l1": "draft/smooth_l1", "ce": "draft/ce"}

@@ -31,10 +31,12 @@ from typing import ClassVar
 
 import torch
 
+from fastgrpo.draft.beam import expand_tree
 from fastgrpo.draft.learner import DraftSequence, OnlineDraftLearner, check_draft_state, read_draft_state
 from fastgrpo.rollout.budget import Budget
-from fastgrpo.rollout.hf_runner import HFTargetRunner, check_runner_support, compact_rows
-from fastgrpo.rollout.tree import TreeBatch, select_tree
+from fastgrpo.rollout.hf_runner import HFTargetRunner, check_runner_support
+from fastgrpo.rollout.kv_cache import compact_rows
+from fastgrpo.rollout.tree import TreeBatch
 
 # ---------------------------------------------------------------------------------------------
 # Proposer
@@ -123,49 +125,18 @@ class LMProposer:
 
     @torch.no_grad()
     def propose(self, roots: torch.Tensor, budget: Budget) -> TreeBatch:
-        """EAGLE-2 over the draft LM: top-K children of the root; at each further depth expand the
-        K best beams (cumulative draft log-prob) by their top-K children; keep the best
-        N_verify - 1 candidates globally. Beams of depth d are written at block slots
-        (d-1)*K + j after the committed prefix (uncommitted: the next catch-up overwrites them)
-        and see the prefix, their ancestors in the block, and themselves."""
-        b, k = self.rows, budget.k
-        # A tree of N_verify - 1 nodes is never deeper than that: deeper expansions are wasted work.
-        depth = min(budget.depth, budget.n_verify - 1)
-        dev = self.pend_len.device
+        """EAGLE-2 over the draft LM (fastgrpo.draft.beam.expand_tree): a beam reads its own
+        token only, written uncommitted (the next catch-up overwrites it)."""
         logp = self._catch_up()
-        score, tok = logp.topk(k, dim=-1)  # depth 1: [B, K]
-        cand_tok, cand_score = [tok], [score]
-        cand_parent = [torch.full((b, k), -1, dtype=torch.long, device=dev)]
-        cand_depth = [torch.ones(b, k, dtype=torch.long, device=dev)]
-        beam_idx = torch.arange(k, device=dev).expand(b, k)  # candidate index of each beam
-        beam_tok, beam_score = tok, score
-        beam_vis = torch.zeros(b, k, depth * k, dtype=torch.bool, device=dev)
-        n_cand = k
-        for d in range(1, depth):
-            slot = (d - 1) * k + torch.arange(k, device=dev)
-            vis = beam_vis[:, :, : d * k].clone()
-            vis[:, torch.arange(k, device=dev), slot] = True
+
+        def expand(d, beam_tok, _state, slot, vis):
+            b, k = beam_tok.shape
             # The root sits at position len-1, so a depth-d token at len + d - 1.
-            pos = torch.full((b, k), d - 1, dtype=torch.long, device=dev)
+            pos = torch.full((b, k), d - 1, dtype=torch.long, device=beam_tok.device)
             logits, _ = self.runner.forward_block(beam_tok, pos, slot.expand(b, k), vis)
-            child_score, child_tok = self._logprobs(logits).topk(k, dim=-1)  # [B, K, K]
-            flat_score = (beam_score.unsqueeze(-1) + child_score).reshape(b, k * k)
-            cand_tok.append(child_tok.reshape(b, k * k))
-            cand_score.append(flat_score)
-            cand_parent.append(beam_idx.unsqueeze(-1).expand(b, k, k).reshape(b, k * k))
-            cand_depth.append(torch.full((b, k * k), d + 1, dtype=torch.long, device=dev))
-            best = flat_score.topk(k, dim=-1).indices  # the next beams: the K best children
-            parent_beam = best // k
-            beam_idx = n_cand + best
-            n_cand += k * k
-            beam_tok = child_tok.reshape(b, k * k).gather(1, best)
-            beam_score = flat_score.gather(1, best)
-            new_vis = vis.gather(1, parent_beam.unsqueeze(-1).expand(b, k, vis.shape[-1]))
-            beam_vis = torch.zeros(b, k, depth * k, dtype=torch.bool, device=dev)
-            beam_vis[:, :, : d * k] = new_vis
-        out = roots.device
-        return select_tree(roots, torch.cat(cand_tok, 1).to(out), torch.cat(cand_parent, 1).to(out),
-                           torch.cat(cand_score, 1).to(out), torch.cat(cand_depth, 1).to(out), budget.n_verify - 1)
+            return self._logprobs(logits), None
+
+        return expand_tree(roots, logp, budget, expand)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +189,7 @@ class LMDraftLearner(OnlineDraftLearner):
     """Online distillation of the target into the draft LM, on every rollout (zero-reward ones
     too), one AdamW step per ``update`` (gradient accumulation over micro-batches of at most
     ``token_budget`` padded tokens). Same input (``list[DraftSequence]``) and metric names as
-    :class:`fastgrpo.draft.learner.DraftLearner` (``draft/smooth_l1`` aside: this draft predicts
+    :class:`fastgrpo.draft.learner.EagleDraftLearner` (``draft/smooth_l1`` aside: this draft predicts
     no hidden state; ``draft/kl`` is added)."""
 
     metric_names: ClassVar[dict[str, str]] = {"ce": "draft/ce", "kl": "draft/kl"}

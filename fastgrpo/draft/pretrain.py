@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from fastgrpo.draft.eagle import EagleDraft
-from fastgrpo.draft.learner import DraftLearner, sequences_from_rollouts
-from fastgrpo.rollout import Generator, SamplingParams
+from fastgrpo.draft.learner import EagleDraftLearner, sequences_from_rollouts
+from fastgrpo.rollout import RolloutEngine, SamplingParams
 from fastgrpo.rollout.hf_runner import HFTargetRunner
 
 
@@ -20,8 +20,8 @@ def pretrain_on_generations(model, draft: EagleDraft, prompts: list[list[int]], 
                             steps: int, lr: float = 1e-3, batch: int = 32, max_new_tokens: int = 128,
                             temperature: float = 1.0, top_p: float = 0.95,
                             say: Callable[[str], None] = print) -> list[float]:
-    learner = DraftLearner(draft, lr=lr)
-    gen = Generator(lambda b, n: HFTargetRunner(model, b, n), "ar", capture_features=True)
+    learner = EagleDraftLearner(draft, lr=lr)
+    gen = RolloutEngine(lambda b, n: HFTargetRunner(model, b, n), "ar", capture_features=True)
     params = SamplingParams(temperature, top_p, 0, max_new_tokens, stop_ids)
     agreement = []
     for step in range(steps):

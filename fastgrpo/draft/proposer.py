@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from fastgrpo.draft.beam import expand_tree
 from fastgrpo.draft.eagle import EagleDraft
 from fastgrpo.rollout.budget import Budget
 from fastgrpo.rollout.generator import group_prompts
-from fastgrpo.rollout.hf_runner import RaggedKVCache, compact_rows
-from fastgrpo.rollout.tree import TreeBatch, select_tree
+from fastgrpo.rollout.kv_cache import RaggedKVCache, compact_rows
+from fastgrpo.rollout.tree import TreeBatch
 
 
 class EagleProposer:
@@ -95,8 +96,7 @@ class EagleProposer:
         self.cache.drop_rows(rows)
 
     def release(self) -> None:
-        self.cache.keys.clear()
-        self.cache.values.clear()
+        self.cache.release()
         self.pend_h = self.pend_tok = None
 
     # ---- proposing -------------------------------------------------------------------------
@@ -119,48 +119,15 @@ class EagleProposer:
 
     @torch.no_grad()
     def propose(self, roots: torch.Tensor, budget: Budget) -> TreeBatch:
-        """EAGLE-2: top-K children of the root; at each further depth expand the K best beams
-        (cumulative draft log-prob) by their top-K children; finally keep the best N_verify - 1
-        candidates globally."""
-        b, k = self.rows, budget.k
-        # A tree of N_verify - 1 nodes is never deeper than that: deeper expansions are wasted work.
-        depth = min(budget.depth, budget.n_verify - 1)
-        dev = roots.device
+        """EAGLE-2 (fastgrpo.draft.beam.expand_tree): each beam reads its parent's predicted
+        hidden state and its own token, at position len + d - 1 for depth d."""
         h_root, logp = self._catch_up()
-        score, tok = logp.topk(k, dim=-1)  # depth 1: [B, K]
-        cand_tok, cand_score = [tok], [score]
-        cand_parent = [torch.full((b, k), -1, dtype=torch.long, device=dev)]
-        cand_depth = [torch.ones(b, k, dtype=torch.long, device=dev)]
-        beam_idx = torch.arange(k, device=dev).expand(b, k)  # candidate index of each beam
-        beam_h = h_root.unsqueeze(1).expand(b, k, -1)
-        beam_tok, beam_score = tok, score
-        # Draft-cache slots of the tree block: beams of depth d sit at (d-1)*K + j.
-        beam_vis = torch.zeros(b, k, depth * k, dtype=torch.bool, device=dev)
-        base_pos = self.cache.lengths[:b].unsqueeze(1)
-        n_cand = k
-        for d in range(1, depth):
-            slot = (d - 1) * k + torch.arange(k, device=dev)
-            vis = beam_vis[:, :, : d * k].clone()
-            vis[:, torch.arange(k), slot] = True
+        base_pos = self.cache.lengths[: self.rows].unsqueeze(1)
+
+        def expand(d, beam_tok, beam_h, slot, vis):
+            b, k = beam_tok.shape
             mask = self.cache.attend(slot.expand(b, k), vis)
             h, logits = self.draft(beam_h, beam_tok, (base_pos + d - 1).expand(b, k), mask, self.cache)
-            child_score, child_tok = logits.float().log_softmax(-1).topk(k, dim=-1)  # [B, K, K]
-            child_score = beam_score.unsqueeze(-1) + child_score
-            flat_score = child_score.reshape(b, k * k)
-            cand_tok.append(child_tok.reshape(b, k * k))
-            cand_score.append(flat_score)
-            cand_parent.append(beam_idx.unsqueeze(-1).expand(b, k, k).reshape(b, k * k))
-            cand_depth.append(torch.full((b, k * k), d + 1, dtype=torch.long, device=dev))
-            # The next beams: the K best children of this depth.
-            best = flat_score.topk(k, dim=-1).indices
-            parent_beam = best // k
-            beam_idx = n_cand + best
-            n_cand += k * k
-            beam_h = h.gather(1, parent_beam.unsqueeze(-1).expand(b, k, h.shape[-1]))
-            beam_tok = child_tok.reshape(b, k * k).gather(1, best)
-            beam_score = flat_score.gather(1, best)
-            new_vis = vis.gather(1, parent_beam.unsqueeze(-1).expand(b, k, vis.shape[-1]))
-            beam_vis = torch.zeros(b, k, depth * k, dtype=torch.bool, device=dev)
-            beam_vis[:, :, : d * k] = new_vis
-        return select_tree(roots, torch.cat(cand_tok, 1), torch.cat(cand_parent, 1), torch.cat(cand_score, 1),
-                           torch.cat(cand_depth, 1), budget.n_verify - 1)
+            return logits.float().log_softmax(-1), h
+
+        return expand_tree(roots, logp, budget, expand, root_state=h_root)

@@ -1,8 +1,17 @@
-"""Rollouts: the Generator (autoregressive and speculative modes) and its TargetRunners."""
+"""Rollouts: the RolloutEngine (autoregressive and speculative modes) and its seams (base.py)."""
 
 from fastgrpo.rollout import speculative  # noqa: F401  (registers the static and fastgrpo modes)
-from fastgrpo.rollout.base import Rollouts, SamplingParams, StepStats, TargetRunner
-from fastgrpo.rollout.generator import Generator, available_modes, register_mode
+from fastgrpo.rollout.base import (
+    Proposer,
+    ProposerFactory,
+    RolloutPlacement,
+    Rollouts,
+    RunnerFactory,
+    SamplingParams,
+    StepStats,
+    TargetRunner,
+)
+from fastgrpo.rollout.generator import RolloutEngine, available_modes, register_mode
 
-__all__ = ["Generator", "Rollouts", "SamplingParams", "StepStats", "TargetRunner", "available_modes",
-           "register_mode"]
+__all__ = ["Proposer", "ProposerFactory", "RolloutEngine", "RolloutPlacement", "Rollouts", "RunnerFactory",
+           "SamplingParams", "StepStats", "TargetRunner", "available_modes", "register_mode"]

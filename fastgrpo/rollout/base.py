@@ -1,15 +1,21 @@
-"""The rollout seam: what a generator takes and returns, and what it needs from the target.
+"""The rollout seams: what the engine takes and returns, and what it needs from the others.
 
-The speculative engine knows the target only through ``TargetRunner``; backends (torch,
-DeepSpeed, Megatron) each provide one for their parallel layout.
+The engine (fastgrpo.rollout.generator.RolloutEngine) knows the target only through
+``TargetRunner`` (backends provide one for their parallel layout), the draft only through
+``Proposer`` (fastgrpo.draft provides them), and which ranks decode through ``RolloutPlacement``
+(a backend hands one to the assembly, fastgrpo.assembly). Nothing here imports those packages.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+
+from fastgrpo.rollout.budget import Budget
+from fastgrpo.rollout.tree import TreeBatch
 
 
 @dataclass(frozen=True)
@@ -118,3 +124,71 @@ class TargetRunner(Protocol):
 
     def release(self) -> None:
         """Free the KV cache."""
+
+
+RunnerFactory = Callable[[int, int], TargetRunner]  # (max_batch, max_len) -> runner
+
+
+class Proposer(Protocol):
+    """Proposes a token tree per row; never decides what is emitted (the target's draws do).
+
+    Built per rollout by a ``ProposerFactory`` and kept in step with the target's rows: the
+    engine calls ``start`` once after the prefill, then per step ``propose`` (speculative steps)
+    and ``observe`` (every step, AR ones included), ``drop_rows`` when rows finish and ``release``
+    at the end."""
+
+    def start(self, prompts: list[list[int]], hidden: torch.Tensor, first_tokens: torch.Tensor) -> None:
+        """hidden[B,P,H]: the target's final hidden states over the prompts (right-padded);
+        first_tokens[B]: the tokens sampled from the prefill (the first roots)."""
+
+    def propose(self, roots: torch.Tensor, budget: Budget) -> TreeBatch:
+        """A tree per row under roots[B] (the last emitted tokens) within ``budget`` (N_verify
+        nodes at most, top-K per expansion, depth L)."""
+
+    def observe(self, hidden: torch.Tensor | None, tokens: torch.Tensor, counts: torch.Tensor) -> None:
+        """What the step emitted: tokens[B,n] with counts[B] valid per row, and the target hidden
+        state that predicted each (hidden[B,n,H])."""
+
+    def drop_rows(self, rows: torch.Tensor) -> None:
+        """Remove these rows (indices into the current rows); the others keep their order."""
+
+    def release(self) -> None:
+        """Free the draft's caches."""
+
+
+ProposerFactory = Callable[[int, int, int], Proposer]  # (max_batch, max_len, tree_slots) -> proposer
+
+
+class RolloutPlacement:
+    """Which ranks decode and hold the online draft, and how their results reach the others.
+
+    The default (every backend and layout but megatron with pipeline parallelism): every rank is a
+    *lead*: it runs the RolloutEngine (draft, sampling, acceptance walk, feature capture) and holds
+    and trains a draft replica, whose gradients are summed over the default group. Megatron with
+    PP > 1 (megatron_ext.pipeline_rollouts.LastStagePlacement) makes the last stage the only lead."""
+
+    lead: bool = True
+    # The lead ranks' process group the draft's gradients and the concurrency signal are reduced
+    # over (None: the default group).
+    group: Any = None
+    # Whether a lead may choose its trees from its own measurements. False where several leads
+    # drive one model replica (tensor parallel): they must verify identical trees, so a budget
+    # policy that decides from timings (rollout.policy=cost_model) is replaced by the formula.
+    local_decisions: bool = True
+
+    def __init__(self, local_decisions: bool = True):
+        self.local_decisions = local_decisions
+
+    def wrap_engine(self, engine):
+        """What the trainer calls ``generate`` on: ``engine`` (built on lead ranks only, None
+        elsewhere) or a wrapper that lets the other ranks take part and get the same rollouts."""
+        return engine
+
+    def from_lead(self, obj):
+        """The lead's ``obj`` on every rank of its model-parallel group (collective)."""
+        return obj
+
+    def to_rank0(self, obj):
+        """A lead's ``obj`` on global rank 0, which writes the checkpoint (collective; other ranks
+        get their own ``obj`` back)."""
+        return obj

@@ -1,4 +1,4 @@
-"""The Generator: one engine, batched over ragged rows, with a registry of decoding modes.
+"""The RolloutEngine: one engine, batched over ragged rows, with a registry of decoding modes.
 
 Autoregressive decoding is the baseline and the fallback of every speculative mode: a step is a
 tree of one node (the last emitted token), verified by sampling from the target's processed
@@ -8,15 +8,12 @@ distribution. Speculative modes (``static``, ``fastgrpo``) plug in through ``reg
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from fastgrpo.rollout.base import Rollouts, SamplingParams, StepStats, TargetRunner
+from fastgrpo.rollout.base import Rollouts, RunnerFactory, SamplingParams, StepStats, TargetRunner
 from fastgrpo.rollout.sampling import PositionUniforms, sample
-
-RunnerFactory = Callable[[int, int], TargetRunner]  # (max_batch, max_len) -> runner
 
 _MODES: dict[str, type[DecodingMode]] = {}
 
@@ -36,7 +33,8 @@ def available_modes() -> list[str]:
 class DecodingMode:
     """Produces the next tokens for all live rows in one engine step.
 
-    ``step`` receives the runner, the last emitted token per row and the sampling params; returns
+    ``step`` receives the runner, the last emitted token per row, the sampling params and the
+    rollout's random draws (sampling.PositionUniforms); returns
     a ``StepOutput`` with the emitted tokens left-aligned, and must have committed exactly those
     tokens' predecessors to the cache (the last token of each row stays uncached: it is the next
     root).
@@ -62,11 +60,11 @@ class DecodingMode:
         """Called once this rank's rows are all done: a mode whose budget is aggregated across
         data-parallel ranks keeps joining that collective until every rank is done."""
 
-    def step(self, runner, last_tokens, params, generator):
+    def step(self, runner, last_tokens, params, draws):
         raise NotImplementedError
 
 
-def autoregressive_step(runner, last_tokens, params, generator) -> StepOutput:
+def autoregressive_step(runner, last_tokens, params, draws) -> StepOutput:
     """One plain AR step: forward the last tokens, cache them, sample the next."""
     b = last_tokens.shape[0]
     dev = last_tokens.device
@@ -75,19 +73,19 @@ def autoregressive_step(runner, last_tokens, params, generator) -> StepOutput:
     logits, hidden = runner.forward(last_tokens.unsqueeze(1), zero, torch.ones(b, 1, 1, dtype=torch.bool, device=dev))
     ones = torch.ones(b, dtype=torch.long, device=dev)
     runner.commit(zero, ones)
-    tokens, logprobs, _ = sample(logits[:, 0], params, generator)
+    tokens, logprobs, _ = sample(logits[:, 0], params, draws)
     stats = StepStats(concurrency=b, tokens_emitted=b, verify_time_s=time.perf_counter() - t0)
     return StepOutput(tokens.unsqueeze(1), logprobs.unsqueeze(1), ones, hidden, stats)
 
 
 @register_mode("ar")
 class Autoregressive(DecodingMode):
-    def step(self, runner, last_tokens, params, generator) -> StepOutput:
-        return autoregressive_step(runner, last_tokens, params, generator)
+    def step(self, runner, last_tokens, params, draws) -> StepOutput:
+        return autoregressive_step(runner, last_tokens, params, draws)
 
 
-class Generator:
-    """``generate(prompts, params) -> Rollouts``. The runner comes from the backend (its layout).
+class RolloutEngine:
+    """``generate(prompts, params, rng) -> Rollouts``. The runner comes from the backend (its layout).
 
     With ``capture_features`` the rollouts carry, per row, the target's final hidden state at
     every position but the last (prompt and response), which verification computed anyway:
@@ -103,10 +101,13 @@ class Generator:
         self.capture_features = capture_features
         self.group_prefill = group_prefill  # one prefill per distinct prompt (off: one per row)
 
+    @property
+    def budget_policy(self):
+        """The budget policy that sizes the speculative trees (None in mode ar)."""
+        return getattr(self.mode, "controller", None)
+
     @torch.no_grad()
-    def generate(
-        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None
-    ) -> Rollouts:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, rng: torch.Generator | None = None) -> Rollouts:
         t_start = time.perf_counter()
         n = len(prompts)
         if n == 0:
@@ -120,7 +121,7 @@ class Generator:
         steps: list[StepStats] = []
         try:
             logits, hidden = prefill_groups(runner, prompts) if self.group_prefill else runner.prefill(prompts)
-            draws = PositionUniforms(n, params.max_new_tokens, generator)
+            draws = PositionUniforms(n, params.max_new_tokens, rng)
             first, first_lp, _ = sample(logits, params, draws)
             self.mode.on_prefill(prompts, hidden, first, max_len)
             if self.capture_features:

@@ -61,8 +61,8 @@ class PositionUniforms:
     same function of the seed as AR rollouts, whatever tree sizes a budget policy picks from
     measured timings: runs stay reproducible and resumable."""
 
-    def __init__(self, rows: int, max_new_tokens: int, generator: torch.Generator | None):
-        self.u = torch.rand(rows, max_new_tokens + 1, generator=generator)
+    def __init__(self, rows: int, max_new_tokens: int, rng: torch.Generator | None):
+        self.u = torch.rand(rows, max_new_tokens + 1, generator=rng)
         self.rows = torch.arange(rows)
         self.emitted = torch.zeros(rows, dtype=torch.long)
 
@@ -78,14 +78,14 @@ class PositionUniforms:
 
 def uniforms(draws: torch.Generator | PositionUniforms | None, depths: torch.Tensor) -> torch.Tensor:
     """One uniform per node of ``depths[B, T]``: from the rollout's positional table, or fresh
-    draws from a torch.Generator (callers outside a Generator rollout)."""
+    draws from a torch.Generator (callers outside a RolloutEngine rollout)."""
     if isinstance(draws, PositionUniforms):
         return draws.take(depths)
     return torch.rand(depths.shape, generator=draws, device="cpu").to(depths.device)
 
 
 def sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | PositionUniforms | None = None
+    logits: torch.Tensor, params: SamplingParams, draws: torch.Generator | PositionUniforms | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one token per row from logits[B, V] (the next position of each row). Returns
     (tokens, their log-probs under the processed distribution, the processed log-probs)."""
@@ -94,6 +94,6 @@ def sample(
         tokens = logprobs.argmax(-1)
     else:
         depth0 = torch.zeros(logprobs.shape[:-1], dtype=torch.long, device=logprobs.device)
-        u = uniforms(generator, depth0.view(-1, 1)).view(depth0.shape)
+        u = uniforms(draws, depth0.view(-1, 1)).view(depth0.shape)
         tokens = sample_from_logprobs(logprobs, u)
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), logprobs

@@ -15,13 +15,11 @@ from collections.abc import Callable
 
 import torch
 
-from fastgrpo.rollout.base import StepStats
+from fastgrpo.rollout.base import ProposerFactory, StepStats
 from fastgrpo.rollout.budget import Budget
 from fastgrpo.rollout.generator import DecodingMode, StepOutput, autoregressive_step, register_mode
 from fastgrpo.rollout.sampling import processed_logprobs, sample_from_logprobs, uniforms
 from fastgrpo.rollout.tree import walk_tree
-
-ProposerFactory = Callable[[int, int, int], "object"]  # (max_batch, max_len, tree_slots) -> proposer
 
 
 class Speculative(DecodingMode):
@@ -60,12 +58,12 @@ class Speculative(DecodingMode):
             self.proposer.release()
             self.proposer = None
 
-    def step(self, runner, last_tokens, params, generator):
+    def step(self, runner, last_tokens, params, draws):
         b = last_tokens.shape[0]
         budget = self.budget_fn(b)
         if not budget.speculative:
             # Step aside: exactly an AR step (same draws), the draft only queues what it will read.
-            out = autoregressive_step(runner, last_tokens, params, generator)
+            out = autoregressive_step(runner, last_tokens, params, draws)
             self.proposer.observe(out.hidden, out.tokens, out.counts)
             if self.controller is not None:
                 self.controller.observe(None, None, None, b, out.stats.verify_time_s)
@@ -77,7 +75,7 @@ class Speculative(DecodingMode):
         t1 = time.perf_counter()
         logits, hidden = runner.forward(tree.tokens, tree.depth, tree.mask)
         logprobs = processed_logprobs(logits, params)
-        path, path_len, tokens, token_lp = self.verifier(tree, logprobs, params, generator)
+        path, path_len, tokens, token_lp = self.verifier(tree, logprobs, params, draws)
         runner.commit(path, path_len)
         rows = torch.arange(b, device=path.device).unsqueeze(1)
         path_hidden = hidden[rows, path]
@@ -91,15 +89,15 @@ class Speculative(DecodingMode):
         return StepOutput(tokens, token_lp, path_len, path_hidden, stats)
 
 
-def verify_exact(tree, logprobs, params, generator):
+def verify_exact(tree, logprobs, params, draws):
     """One draw per node from the processed target distribution (the uniform of the node's response
-    position, sampling.PositionUniforms, inside a Generator rollout), then walk the tree.
+    position, sampling.PositionUniforms, inside a RolloutEngine rollout), then walk the tree.
     Returns (path, path_len, emitted tokens [B, D+1], their log-probs)."""
     b = logprobs.shape[0]
     if params.greedy:
         samples = logprobs.argmax(-1)
     else:
-        samples = sample_from_logprobs(logprobs, uniforms(generator, tree.depth))
+        samples = sample_from_logprobs(logprobs, uniforms(draws, tree.depth))
     path, path_len = walk_tree(tree, samples)
     rows = torch.arange(b, device=path.device).unsqueeze(1)
     tokens = samples[rows, path]
