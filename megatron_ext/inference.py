@@ -55,7 +55,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from fastgrpo.rollout.kv_cache import pad_prompts
+from fastgrpo.rollout.kv_cache import RaggedKVCache, RaggedRunner, pad_prompts
 from megatron_ext.model import GPTArch
 from megatron_ext.pipeline_rollouts import PipeChannel, PipeOp
 from megatron_ext.stage_runner import MegatronStageRunner
@@ -78,7 +78,7 @@ def _digest(tensors, device) -> torch.Tensor:
     return d
 
 
-class MegatronTargetRunner:
+class MegatronTargetRunner(RaggedRunner):
     """TargetRunner (fastgrpo.rollout.base) over this rank's GPTModel stage; see the module doc.
 
     ``stage`` is the plain MegatronStageRunner that executes every call; this wrapper adds what a
@@ -109,12 +109,8 @@ class MegatronTargetRunner:
         return cls(SimpleNamespace(gpt_model=gpt_model, arch=arch), max_batch, max_len, check_agreement)
 
     @property
-    def num_rows(self) -> int:
-        return self.stage.num_rows
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.stage.lengths
+    def cache(self) -> RaggedKVCache:
+        return self.stage.cache
 
     # ---- agreement across the model-parallel group ---------------------------------------------
     def _agree(self, call: str, *tensors: torch.Tensor, defer: bool = False) -> None:
@@ -156,12 +152,6 @@ class MegatronTargetRunner:
         self._agree("prefill", tokens, lens)
         self._tell(PipeOp.PREFILL, tokens, lens, torch.tensor([self.max_batch, self.max_len]))
         return self.stage.prefill_padded(tokens, lens)
-
-    @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, depths: torch.Tensor, tree_mask: torch.Tensor):
-        b, t = tokens.shape
-        offsets = torch.arange(t, device=self.device).expand(b, t)
-        return self.forward_block(tokens, depths, offsets, tree_mask)
 
     @torch.no_grad()
     def forward_block(self, tokens: torch.Tensor, positions_offset: torch.Tensor, offsets: torch.Tensor,

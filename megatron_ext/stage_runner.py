@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fastgrpo.rollout.kv_cache import RaggedKVCache, pad_prompts
+from fastgrpo.rollout.kv_cache import RaggedKVCache, RaggedRunner, pad_prompts
 from megatron_ext.model import GPTArch
 
 
@@ -68,7 +68,7 @@ class _TreeCacheAttention(torch.nn.Module):
         return out.permute(2, 0, 1, 3).reshape(t, b, heads * d)
 
 
-class MegatronStageRunner:
+class MegatronStageRunner(RaggedRunner):
     """The TargetRunner calls over this rank's GPTModel stage (see the module doc), without any
     announcement or agreement: ``prefill`` / ``prefill_padded`` / ``forward`` / ``forward_block``
     / ``commit`` / ``drop_rows`` / ``release``. On a stage before the last, ``prefill_padded`` and
@@ -114,14 +114,6 @@ class MegatronStageRunner:
         if self.pp_size > 1:
             self.pp_prev = ps.get_pipeline_model_parallel_prev_rank()
             self.pp_next = ps.get_pipeline_model_parallel_next_rank()
-
-    @property
-    def num_rows(self) -> int:
-        return self.cache.num_rows
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.cache.lengths[: self.cache.num_rows]
 
     # ---- the forward ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -201,12 +193,6 @@ class MegatronStageRunner:
         logits, hidden = self._run(tokens, positions, mask, last_index=lens - 1)
         self.cache.end_prefill(lens)
         return logits, hidden
-
-    @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, depths: torch.Tensor, tree_mask: torch.Tensor):
-        b, t = tokens.shape
-        offsets = torch.arange(t, device=self.device).expand(b, t)
-        return self.forward_block(tokens, depths, offsets, tree_mask)
 
     @torch.no_grad()
     def forward_block(self, tokens: torch.Tensor, positions_offset: torch.Tensor, offsets: torch.Tensor,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fastgrpo.rollout.kv_cache import RaggedKVCache, additive_mask, compact_rows, pad_prompts
+from fastgrpo.rollout.kv_cache import RaggedKVCache, RaggedRunner, additive_mask, compact_rows, pad_prompts
 
 # Families whose decoder the runner drives. Each one's forward returns a precomputed 4-D mask
 # as-is (masking_utils: create_causal_mask / create_sliding_window_causal_mask pass a 4-D tensor
@@ -59,7 +59,7 @@ def check_runner_support(config) -> None:
             f"mask per layer type, which only {', '.join(MASK_MAPPING_MODEL_TYPES)} forwards accept")
 
 
-class HFTargetRunner:
+class HFTargetRunner(RaggedRunner):
     """Drives a transformers causal LM (a family of SUPPORTED_MODEL_TYPES: its forward takes
     ``cache``, a precomputed 4-D mask and ``position_ids``) over a ragged, tree-shaped batch.
 
@@ -83,14 +83,6 @@ class HFTargetRunner:
         # uncommitted block slots whatever the last forward wrote there (tree depths).
         self.slot_pos = (torch.zeros(max_batch, max_len, dtype=torch.long, device=p.device)
                          if "sliding_attention" in self.layout else None)
-
-    @property
-    def num_rows(self) -> int:
-        return self.cache.num_rows
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.cache.lengths[: self.cache.num_rows]
 
     def _sliding(self, positions: torch.Tensor, mask_bool: torch.Tensor, window: int) -> torch.Tensor:
         n, view = mask_bool.shape[0], mask_bool.shape[-1]
@@ -128,17 +120,9 @@ class HFTargetRunner:
         return self.lm_head(last).float(), hidden
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, depths: torch.Tensor, tree_mask: torch.Tensor):
-        b, t = tokens.shape
-        offsets = torch.arange(t, device=self.device).expand(b, t)
-        mask = self.cache.attend(offsets, tree_mask)
-        hidden = self._run(tokens, self.lengths.unsqueeze(1) + depths, mask)
-        return self.lm_head(hidden).float(), hidden
-
-    @torch.no_grad()
     def forward_block(self, tokens: torch.Tensor, positions_offset: torch.Tensor, offsets: torch.Tensor,
                       visible: torch.Tensor, with_logits: bool = True):
-        """The general form of ``forward``: write tokens[B,T] (uncommitted) at cache slots
+        """The general form of ``forward`` (RaggedRunner): write tokens[B,T] (uncommitted) at cache slots
         ``lengths + offsets[B,T]``, at position ids ``lengths + positions_offset[B,T]``; query t
         sees its row's committed prefix plus the block slots ``visible[B,T,W]`` marks (W slots
         after the row's length; include the token's own slot). Used by drafts that write a tree

@@ -167,3 +167,29 @@ class RaggedKVCache(Cache):
         self.keys.clear()
         self.values.clear()
         self.num_rows = 0
+
+
+class RaggedRunner:
+    """What every runner over one RaggedKVCache (``self.cache``, on ``self.device``) shares: its
+    live rows, and ``forward`` as the tree case of ``forward_block`` (node i at slot i after each
+    row's length, at position length + depth)."""
+
+    cache: RaggedKVCache
+    device: torch.device
+
+    @property
+    def num_rows(self) -> int:
+        return self.cache.num_rows
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cache.lengths[: self.cache.num_rows]
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, depths: torch.Tensor, tree_mask: torch.Tensor):
+        b, t = tokens.shape
+        offsets = torch.arange(t, device=self.device).expand(b, t)
+        return self.forward_block(tokens, depths, offsets, tree_mask)
+
+    def forward_block(self, tokens, positions_offset, offsets, visible, with_logits: bool = True):
+        raise NotImplementedError
