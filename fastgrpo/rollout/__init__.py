@@ -2,6 +2,7 @@
 
 from fastgrpo.rollout import speculative  # noqa: F401  (registers the static and fastgrpo modes)
 from fastgrpo.rollout.base import (
+    BudgetPolicy,
     Proposer,
     ProposerFactory,
     RolloutPlacement,
@@ -13,5 +14,5 @@ from fastgrpo.rollout.base import (
 )
 from fastgrpo.rollout.generator import RolloutEngine, available_modes, register_mode
 
-__all__ = ["Proposer", "ProposerFactory", "RolloutEngine", "RolloutPlacement", "Rollouts", "RunnerFactory",
+__all__ = ["BudgetPolicy", "Proposer", "ProposerFactory", "RolloutEngine", "RolloutPlacement", "Rollouts", "RunnerFactory",
            "SamplingParams", "StepStats", "TargetRunner", "available_modes", "register_mode"]

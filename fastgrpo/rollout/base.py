@@ -2,8 +2,9 @@
 
 The engine (fastgrpo.rollout.generator.RolloutEngine) knows the target only through
 ``TargetRunner`` (backends provide one for their parallel layout), the draft only through
-``Proposer`` (fastgrpo.draft provides them), and which ranks decode through ``RolloutPlacement``
-(a backend hands one to the assembly, fastgrpo.assembly). Nothing here imports those packages.
+``Proposer`` (fastgrpo.draft provides them), the tree sizes through a ``BudgetPolicy``, and which
+ranks decode through ``RolloutPlacement`` (a backend hands one to the assembly, fastgrpo.assembly).
+Nothing here imports those packages.
 """
 
 from __future__ import annotations
@@ -157,6 +158,26 @@ class Proposer(Protocol):
 
 
 ProposerFactory = Callable[[int, int, int], Proposer]  # (max_batch, max_len, tree_slots) -> proposer
+
+
+class BudgetPolicy(Protocol):
+    """Sizes the speculative trees (budget.BudgetController: the formula; cost_model.CostModelPolicy).
+    A policy with ``state_dict`` / ``load_state_dict`` is checkpointed with the run."""
+
+    def budget(self, concurrency: int) -> Budget:
+        """This step's budget for ``concurrency`` live rows (collective when aggregated over ranks)."""
+
+    def choose_tree(self, tree: TreeBatch, concurrency: int, draft_s: float) -> TreeBatch:
+        """The proposed tree, possibly cut to the size that pays."""
+
+    def observe(self, tree: TreeBatch | None, path, path_len, concurrency: int, verify_s: float) -> None:
+        """What the step accepted and cost (tree None: an AR step)."""
+
+    def needs_peers(self) -> bool:
+        """Whether a rank done early must keep joining the budget collective."""
+
+    def any_rank_active(self) -> bool:
+        """After ``budget(0)``: whether some rank still generates."""
 
 
 class RolloutPlacement:

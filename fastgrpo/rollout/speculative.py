@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastgrpo.rollout.base import ProposerFactory, StepStats
+from fastgrpo.rollout.base import BudgetPolicy, ProposerFactory, StepStats
 from fastgrpo.rollout.budget import Budget
 from fastgrpo.rollout.generator import DecodingMode, StepOutput, autoregressive_step, register_mode
 from fastgrpo.rollout.sampling import processed_logprobs, sample_from_logprobs, uniforms
@@ -24,7 +24,7 @@ from fastgrpo.rollout.tree import walk_tree
 
 class Speculative(DecodingMode):
     def __init__(self, proposer_factory: ProposerFactory, budget_fn: Callable[[int], Budget], max_verify: int,
-                 draft_slots: int, verifier: Callable | None = None, controller=None):
+                 draft_slots: int, verifier: Callable | None = None, controller: BudgetPolicy | None = None):
         """max_verify: the largest tree the target verifies (N_max); draft_slots: the largest
         tree block the draft writes (K_max * L_max)."""
         self.proposer_factory = proposer_factory
@@ -34,7 +34,7 @@ class Speculative(DecodingMode):
         # The acceptance rule; tests swap in deliberately biased ones to show the statistics bite.
         self.verifier = verifier or verify_exact
         self.proposer = None
-        # The BudgetController behind budget_fn, when its signal is aggregated across ranks.
+        # The budget policy behind budget_fn (None: budget_fn alone, no tree cuts, no peers).
         self.controller = controller
 
     def on_prefill(self, prompts, hidden, first_tokens, max_len):
