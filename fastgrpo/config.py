@@ -204,6 +204,10 @@ class TrainerConfig:
     steps: int = 100
     eval_every: int = 0  # 0 = only before and after GRPO
     eval_size: int = 200
+    # Sampled evaluation besides the greedy one: k samples per problem (rollout temperature/top_p)
+    # on the first eval_k_size held-out problems give eval/mean@k and eval/pass@k; 0 = off.
+    eval_k: int = 0
+    eval_k_size: int = 200
     seed: int = 0
     output_dir: str = "outputs/run"
     max_nonfinite_in_a_row: int = 3
@@ -277,6 +281,8 @@ MINIMUMS: dict[str, int] = {
     "trainer.steps": 0,
     "trainer.eval_every": 0,
     "trainer.eval_size": 0,
+    "trainer.eval_k": 0,
+    "trainer.eval_k_size": 1,
     "trainer.max_nonfinite_in_a_row": 1,
     "algo.group_size": 1,
     "algo.prompts_per_step": 1,

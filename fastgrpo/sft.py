@@ -15,12 +15,12 @@ def response_ids_for(solution: str, tokenizer) -> list[int]:
 
 
 def run_warmup(backend: PolicyBackend, dataset, tokenizer, cfg: WarmupConfig, rank: int, world: int,
-               say: Callable[[str], None]) -> list[float]:
+               say: Callable[[str], None], shuffle_seed: int = 0) -> list[float]:
     usable = [i for i in range(len(dataset)) if dataset[i].solution]
     if not usable:
         raise ValueError("warmup.enabled=true but the training set has no reference solutions "
                          "(gsm8k-style answers or the synthetic task provide them)")
-    loader = PromptLoader(dataset, cfg.batch_size, seed=10_007)
+    loader = PromptLoader(dataset, cfg.batch_size, seed=10_007 + shuffle_seed)  # its own order
     losses = []
     say(f"SFT warm-up: {cfg.steps} steps x {cfg.batch_size} examples, lr {cfg.lr}")
     for step in range(cfg.steps):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict
@@ -29,10 +28,12 @@ from fastgrpo.config import FastGRPOConfig
 from fastgrpo.data import PromptLoader, build_datasets
 from fastgrpo.draft import sequences_from_rollouts
 from fastgrpo.draft.learner import subsample
+from fastgrpo.evaluation import EvalResult, evaluate, paired_difference
 from fastgrpo.launch import PreemptionGuard, signal_name
 from fastgrpo.models import is_preset, load_policy, model_fingerprint
 from fastgrpo.plots import plot_training_curves
 from fastgrpo.progress import StepProgress
+from fastgrpo.report import build_summary, format_summary, mlflow_ui_command, write_summary
 from fastgrpo.rewards import RewardScorer, get_reward_fn
 from fastgrpo.rng_state import capture_rng_state, restore_rng_state
 from fastgrpo.rollout import SamplingParams
@@ -127,7 +128,10 @@ class GRPOTrainer:
         self.step = 0
         self._saved_step: int | None = None
         self.history: list[dict] = []
-        self.state: dict = {"accuracy_before_grpo": None, "warmup_done": False, "reference": None,
+        # eval_before: the post-warm-up evaluation (metrics and this rank's per-problem outcomes,
+        # for the paired before/after difference); ar_estimate_s: the rollouts' cost as plain AR.
+        self.state: dict = {"accuracy_before_grpo": None, "eval_before": None, "ar_estimate_s": 0.0,
+                            "warmup_done": False, "reference": None,
                             "nonfinite_in_a_row": 0, "nonfinite_total": 0,
                             "time": {"generation": 0.0, "reward": 0.0, "update": 0.0, "draft": 0.0,
                                      "warmup": 0.0, "eval": 0.0}}
@@ -171,17 +175,20 @@ class GRPOTrainer:
             else:
                 self._prepare_reference()
             if self.state["accuracy_before_grpo"] is None:
-                self.state["accuracy_before_grpo"] = self._timed("eval", self.evaluate)
-                self.history.append({"step": 0, "eval/accuracy": self.state["accuracy_before_grpo"]})
-                self._say(f"held-out accuracy after warm-up (before GRPO): "
-                          f"{self.state['accuracy_before_grpo']:.3f}")
+                before = self._timed("eval", self.evaluate)
+                self.state["accuracy_before_grpo"] = before.accuracy
+                self.state["eval_before"] = {"metrics": before.metrics(), "correct": before.correct}
+                self.history.append({"step": 0, **before.metrics()})
+                tracker.log_metrics(before.metrics(), step=0)
+                self._say(f"held-out accuracy after warm-up (before GRPO): {before.accuracy:.3f} "
+                          f"(+- {before.se:.3f}, {before.n} problems)")
             with StepProgress(cfg.trainer.steps, self.step, enabled=cfg.trainer.progress and self.rank == 0) as bar:
                 while self.step < cfg.trainer.steps:
                     metrics = self.train_step()
                     self.step += 1
                     if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 \
                             and self.step < cfg.trainer.steps:
-                        metrics["eval/accuracy"] = self._timed("eval", self.evaluate)
+                        metrics.update(self._timed("eval", self.evaluate).metrics())
                     self.history.append({"step": self.step, **metrics})
                     tracker.log_metrics(metrics, step=self.step)
                     bar.update(self.step, metrics)
@@ -190,24 +197,19 @@ class GRPOTrainer:
                     # Every rank takes the same decision after the same step (one all-reduce).
                     if self.preemption.should_stop(self.device):
                         self._stop_preempted(tracker)
-            acc_after = self._timed("eval", self.evaluate)
-            self.history.append({"step": self.step, "eval/accuracy": acc_after})
-            tracker.log_metrics({"eval/accuracy": acc_after}, step=self.step)
-            self._say(f"held-out accuracy after GRPO: {acc_after:.3f} "
-                      f"(before: {self.state['accuracy_before_grpo']:.3f})")
-            spec = self._speculative_summary()
-            if spec:
-                self._say(f"speculative rollouts: mean accepted length {spec['accepted_len_first']:.2f} (first "
-                          f"steps) -> {spec['accepted_len_last']:.2f} (last steps); {spec['ar_forward_reduction']:.2f}x "
-                          f"fewer target forwards than AR; draft updates {100 * spec['draft_share']:.1f}% of step time")
+            after = self._timed("eval", self.evaluate)
+            self.history.append({"step": self.step, **after.metrics()})
+            tracker.log_metrics(after.metrics(), step=self.step)
             if self._saved_step != self.step:
                 self.save_checkpoint()
-            summary = self._write_summary(acc_after, time.perf_counter() - t_start)
+            summary = self._summary(after, time.perf_counter() - t_start, tracker)
             if self.rank == 0:
-                png = plot_training_curves(self.history, self.out_dir / "training_curves.png")
+                png = plot_training_curves(self.history, self.out_dir / "training_curves.png",
+                                           title=f"fastgrpo: {self.out_dir.name}")
                 tracker.log_artifact(png)
                 tracker.log_dict(summary, "summary.json")
                 tracker.log_dict(asdict(cfg), "resolved_config.json")
+                self._say(format_summary(summary))
         dist_utils.barrier()
         return summary
 
@@ -221,9 +223,13 @@ class GRPOTrainer:
         with self.backend.generation_mode():
             rollouts = self.generator.generate(prompts, self.sampling, self.sample_rng)
         t_gen = time.perf_counter()
+        ar_s = self.budget_policy.ar_rollout_seconds(rollouts) if self.budget_policy is not None else None
+        if ar_s:  # what the same rollouts would have cost as plain AR (the cost model's latency curve)
+            self.state["ar_estimate_s"] = self.state.get("ar_estimate_s", 0.0) + ar_s
 
         texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
-        rewards, parts = self.scorer.score(texts, answers)
+        columns = [it.columns for it in items for _ in range(algo.group_size)]  # TRL/verl rewards read them
+        rewards, parts = self.scorer.score(texts, answers, rows=columns)
         advantages = group_advantages(rewards, algo.group_size, algo.std_normalize)
         keep = dynamic_sampling_keep(rewards, algo.group_size) if algo.dynamic_sampling \
             else torch.ones(len(prompts), dtype=torch.bool)
@@ -258,6 +264,7 @@ class GRPOTrainer:
             "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
             **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
             **rollouts.summary(),
+            **({"rollout/ar_estimate_tokens_per_s": rollouts.num_tokens / max(ar_s, 1e-9)} if ar_s else {}),
             "data/kept_frac": float(keep.float().mean()),
         }
         local.update({f"backend/{k}": v for k, v in self.backend.generation_metrics().items()})
@@ -290,23 +297,20 @@ class GRPOTrainer:
         self._say(f"C_peak = {c_peak} tokens per target forward")
         return c_peak
 
-    def evaluate(self) -> float:
-        """Greedy held-out accuracy (fraction of test prompts whose answer verifies)."""
-        n = min(self.cfg.trainer.eval_size, len(self.test_set))
-        items = [self.test_set[i] for i in range(n)][self.dp_rank::self.dp_world]
-        with self.backend.generation_mode():
-            out = self.generator.generate([it.prompt_ids for it in items], self.eval_sampling)
-        texts = self.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
-        correct = sum(self.accuracy_fn(t, it.answer) for t, it in zip(texts, items))
-        total = dist_utils.all_reduce_sum(torch.tensor([float(correct), float(len(items))], dtype=torch.float64))
-        return float(total[0] / max(total[1], 1.0))
+    def evaluate(self) -> EvalResult:
+        """Greedy held-out accuracy (with its SE) and, with trainer.eval_k, sampled mean@k/pass@k."""
+        t = self.cfg.trainer
+        return evaluate(self.generator, self.backend, self.tokenizer, self.accuracy_fn, self.test_set,
+                        self.eval_sampling, t.eval_size, self.dp_rank, self.dp_world, sampled=self.sampling,
+                        k=t.eval_k, k_size=t.eval_k_size, seed=t.seed)
 
     def warmup(self) -> None:
         """Cold-start SFT on reference solutions so a tiny model starts with non-zero reward."""
         from fastgrpo.sft import run_warmup
 
         self._timed("warmup", lambda: run_warmup(self.backend, self.train_set, self.tokenizer,
-                                                 self.cfg.warmup, self.dp_rank, self.dp_world, self._say))
+                                                 self.cfg.warmup, self.dp_rank, self.dp_world, self._say,
+                                                 self.cfg.data.shuffle_seed))
 
     def _prepare_reference(self) -> None:
         if self.cfg.warmup.enabled:
@@ -455,45 +459,18 @@ class GRPOTrainer:
         if self.rank == 0:
             print(msg, flush=True)
 
-    def _speculative_summary(self, window: int = 10) -> dict | None:
-        """Acceptance at the start and end of the run (does the draft keep up with the policy?),
-        the forward-count speedup against AR (one forward per token of the longest row) and the
-        draft update's share of the step."""
-        rows = [h for h in self.history if "rollout/mean_accepted_len" in h]
-        if self.cfg.rollout.mode == "ar" or not rows:
-            return None
-
-        def mean(key, part):
-            vals = [h[key] for h in part if key in h]
-            return sum(vals) / max(len(vals), 1)
-
-        t = self.state["time"]
-        busy = sum(t[k] for k in ("generation", "reward", "update", "draft")) or 1.0
-        return {"accepted_len_first": mean("rollout/mean_accepted_len", rows[:window]),
-                "accepted_len_last": mean("rollout/mean_accepted_len", rows[-window:]),
-                "ar_forward_reduction": mean("rollout/ar_forward_reduction", rows),
-                "draft_share": t["draft"] / busy}
-
-    def _write_summary(self, acc_after: float, wall: float) -> dict:
-        last = next((h for h in reversed(self.history) if "reward/mean" in h), {})
-        final = {k: v for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        t = self.state["time"]
-        busy = sum(t[k] for k in ("generation", "reward", "update", "draft")) or 1.0
-        summary = {
-            "steps": self.step,
-            "accuracy_before_grpo": self.state["accuracy_before_grpo"],
-            "accuracy_after_grpo": acc_after,
-            "wall_time_s": wall,
-            "time_s": t,
-            "time_share": {k: t[k] / busy for k in ("generation", "reward", "update", "draft")},
-            "final_metrics": final,
-            "nonfinite_updates": self.state["nonfinite_total"],
-            "rollout_mode": self.cfg.rollout.mode,
-            "speculative": self._speculative_summary(),
-        }
+    def _summary(self, after: EvalResult, wall: float, tracker: Tracker) -> dict:
+        before = self.state.get("eval_before") or {"metrics": {"eval/accuracy": self.state["accuracy_before_grpo"]},
+                                                   "correct": []}
+        gain = paired_difference(before["correct"], after.correct) if before["correct"] else \
+            (after.accuracy - (self.state["accuracy_before_grpo"] or 0.0), float("nan"), after.n)
+        files = {"run_dir": str(self.out_dir), "summary": str(self.out_dir / "summary.json"),
+                 "curves": str(self.out_dir / "training_curves.png"), "checkpoints": str(self.ckpt.dir),
+                 "mlflow_ui": mlflow_ui_command(tracker.tracking_uri) if tracker.active else None}
+        summary = build_summary(steps=self.step, before=before["metrics"], after=after.metrics(), gain=gain,
+                                wall_s=wall, times=self.state["time"], nonfinite=self.state["nonfinite_total"],
+                                mode=self.cfg.rollout.mode, history=self.history,
+                                ar_estimate_s=self.state.get("ar_estimate_s"), files=files)
         if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.out_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2))
-            tmp.replace(self.out_dir / "summary.json")
+            write_summary(self.out_dir, summary)
         return summary

@@ -8,6 +8,7 @@ a tiny model ~10x slower.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -139,8 +140,14 @@ def test_short_run_summary_mlflow_and_checkpoint(straight):
     for step, h in step_metrics(trainer.history).items():
         assert by_step[step] == pytest.approx(h["reward/mean"], abs=1e-6)
     evals = client.get_metric_history(run.info.run_id, "eval.accuracy")
-    assert [m.step for m in evals] == [4]
-    assert evals[0].value == pytest.approx(summary["accuracy_after_grpo"])
+    assert sorted(m.step for m in evals) == [0, 4]  # after the warm-up, after GRPO
+    by_eval_step = {m.step: m.value for m in evals}
+    assert by_eval_step[0] == pytest.approx(summary["accuracy_before_grpo"])
+    assert by_eval_step[4] == pytest.approx(summary["accuracy_after_grpo"])
+    n = summary["eval_problems"]
+    assert summary["accuracy_se_after"] == pytest.approx(
+        math.sqrt(summary["accuracy_after_grpo"] * (1 - summary["accuracy_after_grpo"]) / n))
+    assert summary["rollout_vs_ar"]["ar_source"].startswith("measured")  # this run is AR
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"training_curves.png", "summary.json", "resolved_config.json"} <= artifacts, artifacts
     run_file = json.loads((out / "mlflow_run.json").read_text())

@@ -175,12 +175,9 @@ def bench_rollout(model, draft, tok, prompts_pool, c_peak: int, batch_sizes=(1, 
 
 
 def plot_speedup(result: dict, out: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from fastgrpo.plots import new_figure, save_figure
 
-    fig = Figure(figsize=(7, 4.2))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, (ax,) = new_figure(1, 1, width=7, height=4.2)
     styles = {"ar_row": "k:", "ar": "k--", "static": "o-", "formula": "s-", "cost_model": "D-",
               "cost_model+suffix": "^-", "cost_model+hybrid": "v-", "hf_generate": "x:"}
     for m, style in styles.items():
@@ -195,6 +192,4 @@ def plot_speedup(result: dict, out: Path) -> Path:
     ax.set_ylabel("generation speedup vs AR")
     ax.set_title(f"Rollout throughput vs AR (C_peak={result['c_peak']} for formula)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return Path(out)
+    return save_figure(fig, out, dpi=120)

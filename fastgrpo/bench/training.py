@@ -155,12 +155,9 @@ def bench_e2e(target_folder: Path, draft_init: str, out_dir: Path, steps: int, c
 
 
 def plot_drift(result: dict, out: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from fastgrpo.plots import new_figure, save_figure
 
-    fig = Figure(figsize=(7, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, (ax,) = new_figure(1, 1, width=7, height=4)
     xs = [r["step"] for r in result["steps"]]
     ax.plot(xs, [r["accepted_len_online"] for r in result["steps"]], "s-", label="online draft learning")
     ax.plot(xs, [r["accepted_len_frozen"] for r in result["steps"]], "o--", label="frozen draft")
@@ -168,18 +165,13 @@ def plot_drift(result: dict, out: Path) -> Path:
     ax.set_ylabel("mean accepted length")
     ax.set_title("Draft acceptance while the policy learns")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return Path(out)
+    return save_figure(fig, out, dpi=120)
 
 
 def plot_e2e(result: dict, out: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from fastgrpo.plots import new_figure, save_figure
 
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, (ax,) = new_figure(1, 1, width=6, height=4)
     modes = list(result["modes"])
     ax.bar(modes, [result["modes"][m]["step_time_s"] for m in modes], color=[f"C{i}" for i in range(len(modes))])
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
@@ -188,9 +180,7 @@ def plot_e2e(result: dict, out: Path) -> Path:
                 va="bottom")
     ax.set_ylabel("GRPO step time (s, median)")
     ax.set_title("End-to-end GRPO step time")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return Path(out)
+    return save_figure(fig, out, dpi=120)
 
 
 def plot_drift_variants(folder: Path, out: Path) -> Path:
@@ -198,12 +188,9 @@ def plot_drift_variants(folder: Path, out: Path) -> Path:
     draft variant (pretrained / from scratch, EAGLE / LM), each with its frozen baseline dashed."""
     import json
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from fastgrpo.plots import new_figure, save_figure
 
-    fig = Figure(figsize=(7.5, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, (ax,) = new_figure(1, 1, width=7.5, height=4.5)
     for i, path in enumerate(sorted(Path(folder).glob("drift*.json"))):
         res = json.loads(path.read_text())
         xs = [r["step"] for r in res["steps"]]
@@ -215,6 +202,4 @@ def plot_drift_variants(folder: Path, out: Path) -> Path:
     ax.set_ylabel("mean accepted length")
     ax.set_title("Draft variants: online learning (solid) vs frozen (dashed)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return Path(out)
+    return save_figure(fig, out, dpi=120)

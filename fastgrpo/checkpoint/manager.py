@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fastgrpo import __version__
 from fastgrpo import distributed as dist_utils
 from fastgrpo.checkpoint.identity import _json_normalize, check_weights_only_safe, fingerprint_diff
 from fastgrpo.checkpoint.manifest import (
@@ -337,7 +338,7 @@ class CheckpointManager:
             "file_sizes": files,
             "checksums": checksums,
             "created_unix": time.time(),
-            "fastgrpo_version": _fastgrpo_version(),
+            "fastgrpo_version": __version__,
         }
         if extra_meta:
             meta["extra"] = _json_normalize(dict(extra_meta))
@@ -414,12 +415,3 @@ def _step_of(path: Path) -> int:
 def resolve_resume(spec: str | None, dir: str | Path, collective: bool = False) -> Path | None:
     """:meth:`CheckpointManager.resolve_resume` of a manager of ``dir``."""
     return CheckpointManager(dir).resolve_resume(spec, collective)
-
-
-def _fastgrpo_version() -> str:
-    try:
-        from fastgrpo import __version__
-
-        return __version__
-    except Exception:  # noqa: BLE001  # pragma: no cover
-        return "unknown"

@@ -5,6 +5,7 @@
     fastgrpo-bench e2e --out bench/       # GRPO step time per mode, draft-update share
     fastgrpo-bench zero --out bench/      # ZeRO-1/2/3 step time and ZeRO-3 gather time (2 processes)
     fastgrpo-bench dp-aggregate --out bench/  # local | mean | max concurrency over DP ranks
+    fastgrpo-bench default-seeds --seeds 3 --out bench/  # make run per seed: accuracy gain, wall time
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from fastgrpo.cli.errors import ArgumentParser, cli_errors
 @cli_errors("fastgrpo-bench")
 def main(argv=None) -> int:
     p = ArgumentParser(prog="fastgrpo-bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["rollout", "drift", "e2e", "zero", "dp-aggregate"], help="which benchmark")
+    p.add_argument("part", choices=["rollout", "drift", "e2e", "zero", "dp-aggregate", "default-seeds"],
+                   help="which benchmark")
+    p.add_argument("overrides", nargs="*", help="default-seeds: Hydra overrides for every run (key=value)")
+    p.add_argument("--seeds", type=int, default=3, help="default-seeds: seeds 0 .. N-1")
+    p.add_argument("--min-gain", type=float, default=0.05, help="default-seeds: the accuracy gain to count")
     p.add_argument("--steps", type=int, default=20, help="GRPO steps (drift, e2e)")
     p.add_argument("--from-scratch", action="store_true",
                    help="drift: start the draft from scratch instead of the pretrained one")
@@ -43,6 +48,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     if a.part in ("zero", "dp-aggregate"):
         return _parallel_part(a)
+    if a.part == "default-seeds":
+        from fastgrpo.bench.seeds import default_seeds
+
+        default_seeds(list(range(a.seeds)), Path(a.out), list(a.overrides), a.min_gain)
+        return 0
+    if a.overrides:
+        p.error(f"unexpected arguments for {a.part}: {' '.join(a.overrides)}")
     from fastgrpo.bench.rollout import bench_rollout, plot_speedup
     from fastgrpo.bench.targets import prepare_draft, prepare_target, rollout_prompts
     from fastgrpo.rollout.profile import resolve_c_peak

@@ -22,6 +22,7 @@ within a row the nodes by their calibrated probability.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from dataclasses import dataclass
@@ -348,6 +349,11 @@ class CostModelPolicy:
         return {"rollout/cost_model_predicted_over_measured": pred / meas if meas > 0 else 1.0,
                 "rollout/cost_model_spec_steps": float(spec)}
 
+    def ar_rollout_seconds(self, rollouts) -> float | None:
+        """The rollout's wall time had it run plain AR (``ar_rollout_seconds``); None until the
+        latency curve has a point."""
+        return ar_rollout_seconds(rollouts, self.target) if self.target.known else None
+
     def state_dict(self) -> dict:
         return {"target": self.target.state_dict(), "draft": self.draft.state_dict(),
                 "acceptance": self.acceptance.state_dict(),
@@ -359,3 +365,17 @@ class CostModelPolicy:
         self.acceptance.load_state_dict(s["acceptance"])
         self.rates = {int(k): [None if r < 0 else r for r in v] for k, v in s.get("rates", {}).items()}
         self.played = {k: [-1] * len(v) for k, v in self.rates.items()}
+
+
+def ar_rollout_seconds(rollouts, target: LatencyCurve) -> float:
+    """Estimated wall time of ``rollouts`` (a ``Rollouts``) as plain AR: the part of its measured
+    time outside the engine steps (prefill, bookkeeping) plus one forward per response token after
+    the first, over the rows still generating at that position (B_t = responses longer than t),
+    each priced by the latency curve at B_t tokens. Equal to the measured time, within the curve's
+    error, for a rollout that ran AR."""
+    lengths = sorted(len(r) for r in rollouts.response_ids)
+    longest = lengths[-1] if lengths else 0
+    live = [len(lengths) - bisect.bisect_right(lengths, t) for t in range(1, longest)]
+    in_steps = sum(s.draft_time_s + s.verify_time_s for s in rollouts.steps)
+    outside = max(rollouts.wall_time_s - in_steps, 0.0)
+    return outside + sum(target.predict_many([float(b) for b in live]))
