@@ -21,8 +21,8 @@ from fastgrpo.config import DraftConfig, RolloutConfig
 from fastgrpo.draft import build_draft_components
 from fastgrpo.draft.proposer import EagleProposer
 from fastgrpo.rollout.base import ProposerFactory, RolloutPlacement, RunnerFactory
+from fastgrpo.rollout.engine import RolloutEngine
 from fastgrpo.rollout.factory import build_engine
-from fastgrpo.rollout.generator import RolloutEngine
 
 
 def eagle_proposer_factory(draft: torch.nn.Module) -> ProposerFactory:

@@ -31,7 +31,7 @@ from fastgrpo.backends.deepspeed_backend import check_same_dtypes
 from fastgrpo.backends.torch_backend import TorchBackend
 from fastgrpo.config import AlgoConfig, DeepSpeedConfig, OptimConfig
 from fastgrpo.rollout import SamplingParams
-from fastgrpo.rollout.generator import RolloutEngine
+from fastgrpo.rollout.engine import RolloutEngine
 
 # Float32 on both sides; the only difference is the order of the cross-rank gradient sums.
 LOSS_TOL = 1e-6

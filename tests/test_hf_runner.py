@@ -93,7 +93,7 @@ def test_group_prefill_equals_one_prefill_per_row():
     from conftest import make_tiny_qwen2
 
     from fastgrpo.rollout import RolloutEngine, SamplingParams
-    from fastgrpo.rollout.generator import group_prompts, prefill_groups
+    from fastgrpo.rollout.engine import group_prompts, prefill_groups
 
     model = make_tiny_qwen2(vocab=40, seed=5)
     prompts = [[1, 2, 3], [4, 5], [1, 2, 3], [6], [4, 5], [1, 2, 3]]

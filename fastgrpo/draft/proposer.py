@@ -13,7 +13,7 @@ import torch
 from fastgrpo.draft.beam import expand_tree
 from fastgrpo.draft.eagle import EagleDraft
 from fastgrpo.rollout.budget import Budget
-from fastgrpo.rollout.generator import group_prompts
+from fastgrpo.rollout.engine import group_prompts
 from fastgrpo.rollout.kv_cache import RaggedKVCache, compact_rows
 from fastgrpo.rollout.tree import TreeBatch
 

@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 
 from fastgrpo.rollout.budget import Budget
-from fastgrpo.rollout.generator import group_prompts
+from fastgrpo.rollout.engine import group_prompts
 from fastgrpo.rollout.tree import TreeBatch, ancestor_mask
 
 

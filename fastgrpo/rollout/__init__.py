@@ -12,7 +12,7 @@ from fastgrpo.rollout.base import (
     StepStats,
     TargetRunner,
 )
-from fastgrpo.rollout.generator import RolloutEngine, available_modes, register_mode
+from fastgrpo.rollout.engine import RolloutEngine, available_modes, register_mode
 
 __all__ = ["BudgetPolicy", "Proposer", "ProposerFactory", "RolloutEngine", "RolloutPlacement", "Rollouts", "RunnerFactory",
            "SamplingParams", "StepStats", "TargetRunner", "available_modes", "register_mode"]

@@ -1,6 +1,6 @@
 """The rollout seams: what the engine takes and returns, and what it needs from the others.
 
-The engine (fastgrpo.rollout.generator.RolloutEngine) knows the target only through
+The engine (fastgrpo.rollout.engine.RolloutEngine) knows the target only through
 ``TargetRunner`` (backends provide one for their parallel layout), the draft only through
 ``Proposer`` (fastgrpo.draft provides them), the tree sizes through a ``BudgetPolicy``, and which
 ranks decode through ``RolloutPlacement`` (a backend hands one to the assembly, fastgrpo.assembly).
@@ -57,7 +57,7 @@ class Rollouts:
     steps: list[StepStats] = field(default_factory=list)
     wall_time_s: float = 0.0
     # Per row: the target's final hidden state at positions 0 .. len(prompt)+len(response)-2
-    # (position t predicted token t+1), when the generator captured them.
+    # (position t predicted token t+1), when the engine captured them.
     features: list[torch.Tensor] | None = None
 
     @property
@@ -120,7 +120,7 @@ class TargetRunner(Protocol):
         """Remove these rows (indices into the current rows); the others keep their order."""
 
     # Optional: ``repeat_rows(index[B'])`` makes row i a copy of current row index[i] (its cached
-    # K/V and length), so rows that share a prompt share one prefill (generator.prefill_groups).
+    # K/V and length), so rows that share a prompt share one prefill (engine.prefill_groups).
     # A runner without it prefills every row.
 
     def release(self) -> None:

@@ -8,7 +8,7 @@ from fastgrpo.config import RolloutConfig
 from fastgrpo.rollout.base import ProposerFactory, RunnerFactory
 from fastgrpo.rollout.budget import BudgetController, BudgetParams
 from fastgrpo.rollout.cost_model import CostModelParams, CostModelPolicy
-from fastgrpo.rollout.generator import RolloutEngine
+from fastgrpo.rollout.engine import RolloutEngine
 
 SPECULATIVE_MODES = ("fastgrpo", "static")
 

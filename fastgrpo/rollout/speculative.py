@@ -17,12 +17,14 @@ import torch
 
 from fastgrpo.rollout.base import BudgetPolicy, ProposerFactory, StepStats
 from fastgrpo.rollout.budget import Budget
-from fastgrpo.rollout.generator import DecodingMode, StepOutput, autoregressive_step, register_mode
+from fastgrpo.rollout.engine import DecodingMode, StepOutput, autoregressive_step, register_mode
 from fastgrpo.rollout.sampling import processed_logprobs, sample_from_logprobs, uniforms
 from fastgrpo.rollout.tree import walk_tree
 
 
 class Speculative(DecodingMode):
+    """Draft a tree per row, verify it in one target forward, keep the accepted path."""
+
     def __init__(self, proposer_factory: ProposerFactory, budget_fn: Callable[[int], Budget], max_verify: int,
                  draft_slots: int, verifier: Callable | None = None, controller: BudgetPolicy | None = None):
         """max_verify: the largest tree the target verifies (N_max); draft_slots: the largest
@@ -105,11 +107,8 @@ def verify_exact(tree, logprobs, params, draws):
     return path, path_len, tokens, token_lp
 
 
-@register_mode("fastgrpo")
-class ConcurrencyAware(Speculative):
-    """N_verify, K, L from the live concurrency (BudgetController)."""
-
-
-@register_mode("static")
-class StaticTree(Speculative):
-    """A fixed tree regardless of concurrency (EAGLE-2 default-like: 60 tokens, depth 6, top-k 10)."""
+# One engine for both speculative modes: what differs is only the budget policy the assembly hands
+# it (fastgrpo: the formula or the cost model by the live concurrency; static: a fixed EAGLE-2
+# tree, e.g. 60 tokens, depth 6, top-k 10).
+register_mode("fastgrpo")(Speculative)
+register_mode("static")(Speculative)
