@@ -12,6 +12,23 @@ from typing import Any, Optional
 
 
 @dataclass
+class LoraConfig:
+    """``model.lora``: train a LoRA adapter (peft) instead of every weight (torch and deepspeed
+    backends). The KL reference is the same model with the adapter switched off."""
+
+    enabled: bool = False
+    r: int = 16  # rank of the update B @ A
+    alpha: float = 32.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapter's input while training (rollouts run without it)
+    # Module names to adapt; null: the family's default (q/k/v/o and gate/up/down projections
+    # for Qwen2/Qwen3/Llama/Mistral; fastgrpo.models.lora.DEFAULT_TARGET_MODULES).
+    target_modules: Optional[list[str]] = None
+    # save_hf also writes the merged model (W + alpha/r * B @ A) to <folder>/merged, an ordinary
+    # HF folder; the adapter folder itself is always written.
+    save_merged: bool = False
+
+
+@dataclass
 class ModelConfig:
     # A preset name ("tiny", "small": built from a config, own tokenizer) or a local HF folder.
     path: str = "tiny"
@@ -22,6 +39,7 @@ class ModelConfig:
     # Where presets cache their tokenizer/initial weights; relative to the working folder.
     preset_cache_dir: str = ".cache/fastgrpo/presets"
     seed: int = 0  # initialisation seed for presets
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -184,6 +202,10 @@ class MegatronConfig:
 class BackendConfig:
     name: str = "torch"  # torch | deepspeed | megatron
     ddp_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    # Recompute each decoder layer's activations in the backward pass instead of keeping them:
+    # HF gradient checkpointing (non-reentrant) on torch/deepspeed, megatron-core's full uniform
+    # activation recompute (one layer per checkpoint) on megatron.
+    gradient_checkpointing: bool = False
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
@@ -322,6 +344,7 @@ def check_config(cfg: FastGRPOConfig) -> FastGRPOConfig:
     if a.kl_clamp is not None and not (a.kl_clamp > 0 and a.kl_estimator == "k3"):
         raise ConfigError(f"algo.kl_clamp={a.kl_clamp!r}: must be > 0 and needs algo.kl_estimator=k3 "
                           f"(it is {a.kl_estimator!r}), or null")
+    _check_lora(cfg)
     r = cfg.rollout
     if not r.temperature > 0:
         raise ConfigError(f"rollout.temperature={r.temperature!r}: must be > 0 (the policy's logits are divided by it)")
@@ -332,3 +355,24 @@ def check_config(cfg: FastGRPOConfig) -> FastGRPOConfig:
     if r.eval_temperature < 0:
         raise ConfigError(f"rollout.eval_temperature={r.eval_temperature!r}: must be >= 0 (0 = greedy)")
     return cfg
+
+
+def _check_lora(cfg: FastGRPOConfig) -> None:
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return
+    if cfg.backend.name == "megatron":
+        raise ConfigError("model.lora.enabled=true: the megatron backend has no LoRA; use backend=torch or "
+                          "backend=deepspeed (or model.lora.enabled=false)")
+    if lora.r < 1:
+        raise ConfigError(f"model.lora.r={lora.r!r}: must be >= 1")
+    if not lora.alpha > 0:
+        raise ConfigError(f"model.lora.alpha={lora.alpha!r}: must be > 0 (the update is scaled by alpha / r)")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout={lora.dropout!r}: must be in [0, 1)")
+    if lora.target_modules is not None and not lora.target_modules:
+        raise ConfigError("model.lora.target_modules=[]: name at least one module, or null for the family's default")
+    if cfg.warmup.enabled and cfg.algo.kl_beta != 0:
+        raise ConfigError("model.lora.enabled=true with warmup.enabled=true and algo.kl_beta != 0: the KL "
+                          "reference of a LoRA policy is its base model (adapter off), which the warm-up does "
+                          "not move; set warmup.enabled=false, or warm up without LoRA and point model.path at it")

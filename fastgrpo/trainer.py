@@ -95,7 +95,7 @@ class GRPOTrainer:
         self.backend = build_backend(
             cfg.backend.name, model=self.model, tokenizer=self.tokenizer, algo=algo, optim=cfg.optim,
             total_steps=cfg.trainer.steps, temperature=cfg.rollout.temperature,
-            max_response_len=cfg.rollout.max_new_tokens, **backend_options(cfg.backend),
+            max_response_len=cfg.rollout.max_new_tokens, **backend_options(cfg.backend, cfg.model.lora),
         )
         # Data-parallel coordinates: ranks of one model-parallel group (TP/PP) share them, and
         # with them their prompts and sampling stream.

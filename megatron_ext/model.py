@@ -190,6 +190,15 @@ def transformer_config(arch: GPTArch, layout: ShardLayout, params_dtype: torch.d
     return TransformerConfig(**kwargs)
 
 
+def activation_recompute(enabled: bool) -> dict:
+    """TransformerConfig overrides for megatron-core's activation recompute (gradient
+    checkpointing): each layer's input is kept and its activations recomputed in the backward
+    pass (granularity full, method uniform, one layer per checkpoint); {} when off."""
+    if not enabled:
+        return {}
+    return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+
+
 def build_gpt_model(hf_config, params_dtype: torch.dtype = torch.float32, vocab_divisible_by: int = 128,
                     **config_overrides):
     """This rank's pipeline stage of a megatron-core GPTModel for ``hf_config`` (parallel_state must

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_ext.convert import gather_hf_state_dict, load_hf_into_megatron
-from megatron_ext.model import build_gpt_model
+from megatron_ext.model import activation_recompute, build_gpt_model
 
 # loss_fn(micro_index, vocab-parallel logits [b, s, v_pad / tp]) -> (loss, number of loss tokens)
 LossFn = Callable[[int, Tensor], tuple[Tensor, int]]
@@ -108,7 +108,7 @@ class MegatronPolicy:
     def __init__(self, hf_model: torch.nn.Module, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                  precision: str = "auto", distributed_optimizer: bool = True, lr: float = 1e-6,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), grad_clip: float = 1.0,
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, recompute_activations: bool = False):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -123,6 +123,7 @@ class MegatronPolicy:
         self.ps = ps
         self.dtype = resolve_dtype(precision)
         self.hf_config = hf_model.config
+        self.recompute = activation_recompute(recompute_activations)  # backend.gradient_checkpointing
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
         self.gpt_model, self.arch, self.layout = self._build()
@@ -147,7 +148,8 @@ class MegatronPolicy:
         self.reference_offload = False
 
     def _build(self):
-        model, arch, layout = build_gpt_model(self.hf_config, self.dtype, calculate_per_token_loss=True)
+        model, arch, layout = build_gpt_model(self.hf_config, self.dtype, calculate_per_token_loss=True,
+                                              **self.recompute)
         mark_tensor_parallel_weights(model)
         return model.to(self.device), arch, layout
 

@@ -5,13 +5,17 @@ from fastgrpo.backends.base import PolicyBackend, PolicyBatch, build_policy_batc
 BACKENDS = ("torch", "deepspeed", "megatron")
 
 
-def backend_options(cfg) -> dict:
-    """The backend-specific constructor arguments of a BackendConfig."""
+def backend_options(cfg, lora=None) -> dict:
+    """The backend-specific constructor arguments of a BackendConfig; ``lora``: the
+    ``model.lora`` section (torch and deepspeed; check_config refuses it for megatron)."""
+    opts: dict = {"gradient_checkpointing": bool(getattr(cfg, "gradient_checkpointing", False))}
+    if cfg.name in ("torch", "deepspeed") and lora is not None and lora.enabled:
+        opts["lora"] = lora
     if cfg.name == "deepspeed":
-        return {"deepspeed_cfg": cfg.deepspeed}
+        opts["deepspeed_cfg"] = cfg.deepspeed
     if cfg.name == "megatron":
-        return {"megatron_cfg": cfg.megatron}
-    return {}
+        opts["megatron_cfg"] = cfg.megatron
+    return opts
 
 
 def build_backend(name: str, **kwargs) -> PolicyBackend:

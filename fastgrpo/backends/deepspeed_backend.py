@@ -24,9 +24,13 @@ from fastgrpo.backends.torch_backend import (
     TorchBackend,
     _read_safetensors,
     build_scheduler,
+    prepare_policy,
+    trainable_parameters,
     write_hf,
+    write_lora,
 )
-from fastgrpo.config import AlgoConfig, DeepSpeedConfig, OptimConfig
+from fastgrpo.config import AlgoConfig, DeepSpeedConfig, LoraConfig, OptimConfig
+from fastgrpo.models import lora as lora_utils
 
 CHECKPOINT_TAG = "zero"  # one tag per fastgrpo checkpoint folder: the folder itself is the step
 
@@ -92,8 +96,8 @@ def _client_optimizer(model: torch.nn.Module, optim: OptimConfig, offload: bool,
     if offload and on_cuda:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(model.parameters(), **kwargs)
+        return DeepSpeedCPUAdam(trainable_parameters(model), adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(trainable_parameters(model), **kwargs)
 
 
 def reference_json(policy_cfg: dict[str, Any], ds: DeepSpeedConfig) -> dict[str, Any]:
@@ -110,7 +114,8 @@ def reference_json(policy_cfg: dict[str, Any], ds: DeepSpeedConfig) -> dict[str,
 class DeepSpeedBackend(TorchBackend):
     def __init__(self, model: torch.nn.Module, tokenizer, algo: AlgoConfig, optim: OptimConfig,
                  total_steps: int, temperature: float = 1.0, max_response_len: int | None = None,
-                 deepspeed_cfg: DeepSpeedConfig | None = None):
+                 deepspeed_cfg: DeepSpeedConfig | None = None, lora: LoraConfig | None = None,
+                 gradient_checkpointing: bool = False):
         deepspeed = _import_deepspeed()
         self.ds_cfg = deepspeed_cfg or DeepSpeedConfig()
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
@@ -121,6 +126,9 @@ class DeepSpeedBackend(TorchBackend):
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         self.ddp = None
         self.train_attn = model.config._attn_implementation
+        model = prepare_policy(model, lora, gradient_checkpointing)
+        self.lora = lora_utils.is_lora(model)  # the KL reference is then the model with the adapter off
+        self.save_merged = self.lora and lora.save_merged
         on_cuda = next(model.parameters()).device.type == "cuda"
         self.config = deepspeed_json(self.ds_cfg, algo, optim, self.world_size, on_cuda)
         self.zero_stage = self.config["zero_optimization"]["stage"]
@@ -148,7 +156,7 @@ class DeepSpeedBackend(TorchBackend):
 
     # ---- reference model -------------------------------------------------------------------
     def reset_reference(self) -> None:
-        if self.algo.kl_beta == 0:
+        if self.algo.kl_beta == 0 or self.lora:  # LoRA: the adapter off is the reference
             return
         if self.zero_stage < 3:  # weights are whole on every rank: a frozen replica
             self.reference = copy.deepcopy(self._model).eval().requires_grad_(False)
@@ -191,7 +199,7 @@ class DeepSpeedBackend(TorchBackend):
         check_same_dtypes(self.reference, self._model)
 
     def load_reference(self, path: Path) -> None:
-        if self.algo.kl_beta == 0:
+        if self.algo.kl_beta == 0 or self.lora:
             return
         if self.zero_stage < 3:
             super().load_reference(path)
@@ -248,7 +256,7 @@ class DeepSpeedBackend(TorchBackend):
             # gathers, whose count differs between ranks.
             import deepspeed
 
-            emb, head = self._model.get_input_embeddings(), self._model.get_output_embeddings()
+            emb, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
             v, h = emb.weight.ds_shape
             r_emb = torch.nn.Embedding(v, h, device=self.device, dtype=emb.weight.dtype).requires_grad_(False)
             r_head = torch.nn.Linear(h, head.weight.ds_shape[0], bias=False, device=self.device,
@@ -265,7 +273,7 @@ class DeepSpeedBackend(TorchBackend):
         """Copy the (gathered) embedding and LM head into the draft's replicas."""
         if self._heads is None:
             return
-        emb, head = self._model.get_input_embeddings(), self._model.get_output_embeddings()
+        emb, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
         self._heads[0].weight.copy_(emb.weight)
         self._heads[1].weight.copy_(head.weight)
 
@@ -318,7 +326,25 @@ class DeepSpeedBackend(TorchBackend):
         sd = self.engine._zero3_consolidated_16bit_state_dict()
         return sd if self.rank == 0 else None
 
+    def _lora_state(self) -> dict[str, torch.Tensor] | None:
+        """Collective, ZeRO-3 only (else None: the module's tensors are whole): what a LoRA export
+        needs on rank 0: the whole state dict for a merged export, else the adapter alone."""
+        if self.zero_stage < 3:
+            return None
+        if self.save_merged:
+            return self.full_state_dict()
+        import deepspeed
+
+        adapter = [(n, p) for n, p in self._model.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in adapter]):
+            return {n: p.detach().clone() for n, p in adapter} if self.rank == 0 else None
+
     def save_hf(self, path: Path) -> None:
+        if self.lora:
+            state = self._lora_state()
+            if self.rank == 0:
+                write_lora(self._model, self.tokenizer, path, self.save_merged, state)
+            return
         sd = self.full_state_dict()
         if self.rank == 0:
             # Under ZeRO-3 the module's own tensors are empty partitions: write the gathered dict.
@@ -327,8 +353,10 @@ class DeepSpeedBackend(TorchBackend):
     def load_hf_weights(self, path: Path) -> None:
         if self.zero_stage < 3:
             super().load_hf_weights(path)
-            return
-        _load_zero3(self._model, _read_safetensors(path))
+        elif self.lora:  # the adapter's partitions; the base weights are model.path's
+            _load_zero3(self._model, lora_utils.read_adapter(path), trainable_only=True)
+        else:
+            _load_zero3(self._model, _read_safetensors(path))
 
 
 def _param_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -368,14 +396,15 @@ def _dtypes(t: torch.Tensor) -> str:
     return " with ".join(names)
 
 
-def _load_zero3(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a full state dict into ZeRO-3-partitioned parameters, one layer-sized group at a time
-    (never the whole model gathered at once)."""
+def _load_zero3(model: torch.nn.Module, state: dict[str, torch.Tensor], trainable_only: bool = False) -> None:
+    """Load a full state dict (``trainable_only``: of the trainable parameters, a LoRA adapter)
+    into ZeRO-3-partitioned parameters, one parameter at a time (never the whole model gathered
+    at once)."""
     import deepspeed
 
     from fastgrpo.backends.torch_backend import _is_tied
 
-    names = dict(model.named_parameters())
+    names = {n: p for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
     missing = [k for k in names if k not in state and not _is_tied(model, k)]
     unexpected = [k for k in state if k not in names]
     if missing or unexpected:

@@ -43,14 +43,14 @@ def _pad_rows(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
 class MegatronBackend(PolicyBackend):
     def __init__(self, model: torch.nn.Module, tokenizer, algo: AlgoConfig, optim: OptimConfig,
                  total_steps: int, temperature: float = 1.0, max_response_len: int | None = None,
-                 megatron_cfg: MegatronConfig | None = None):
+                 megatron_cfg: MegatronConfig | None = None, gradient_checkpointing: bool = False):
         from megatron_ext.train import MegatronPolicy
 
         self.cfg = megatron_cfg or MegatronConfig()
         self.engine = MegatronPolicy(
             model, self.cfg.tensor_parallel, self.cfg.pipeline_parallel, self.cfg.precision,
             self.cfg.distributed_optimizer, lr=optim.lr, weight_decay=optim.weight_decay,
-            betas=tuple(optim.betas), grad_clip=optim.grad_clip)
+            betas=tuple(optim.betas), grad_clip=optim.grad_clip, recompute_activations=gradient_checkpointing)
         self.engine.reference_offload = self.cfg.reference_offload
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         # The HF model keeps the config (and the initial weights: fingerprints); megatron trains.

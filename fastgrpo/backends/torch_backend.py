@@ -16,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fastgrpo import distributed as dist_utils
 from fastgrpo.algo import TOKEN_MEAN_METRICS, grpo_loss, token_logprobs
 from fastgrpo.backends.base import PolicyBackend, PolicyBatch, run_updates
-from fastgrpo.config import AlgoConfig, OptimConfig
+from fastgrpo.config import AlgoConfig, LoraConfig, OptimConfig
+from fastgrpo.models import lora as lora_utils
 from fastgrpo.rollout.hf_runner import HFTargetRunner
 
 TREE_ATTN = ("sdpa", "eager")  # implementations that take an arbitrary 4-D mask
@@ -45,10 +46,30 @@ def response_logprobs(model, batch: PolicyBatch, temperature: float = 1.0) -> to
     return token_logprobs(logits[:, :-1], ids[:, 1:], temperature)
 
 
+def prepare_policy(model: torch.nn.Module, lora: LoraConfig | None, gradient_checkpointing: bool) -> torch.nn.Module:
+    """The module the backend trains: ``model`` itself, or its peft model with a fresh LoRA
+    adapter (``model.lora``); with HF gradient checkpointing (non-reentrant) when asked for."""
+    if lora is not None and lora.enabled:
+        model = lora_utils.apply_lora(model, lora)
+    if gradient_checkpointing:
+        lora_utils.base_causal_lm(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What the optimizer steps: every parameter, or only the LoRA adapter's."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class TorchBackend(PolicyBackend):
     def __init__(self, model: torch.nn.Module, tokenizer, algo: AlgoConfig, optim: OptimConfig,
-                 total_steps: int, temperature: float = 1.0, max_response_len: int | None = None):
+                 total_steps: int, temperature: float = 1.0, max_response_len: int | None = None,
+                 lora: LoraConfig | None = None, gradient_checkpointing: bool = False):
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
+        model = prepare_policy(model, lora, gradient_checkpointing)
+        self.lora = lora_utils.is_lora(model)  # the KL reference is then the model with the adapter off
+        self.save_merged = self.lora and lora.save_merged
         self._model = model
         self.tokenizer = tokenizer
         self.algo, self.optim_cfg = algo, optim
@@ -61,17 +82,18 @@ class TorchBackend(PolicyBackend):
         if dist_utils.is_initialized():
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DDP(model, device_ids=ids)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
+        self.optimizer = torch.optim.AdamW(trainable_parameters(model), lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
         self.reference: torch.nn.Module | None = None
         if algo.kl_beta != 0:
             self.reset_reference()
-        self.train_attn = model.config._attn_implementation
+        self.train_attn = self.model.config._attn_implementation
 
     @property
     def model(self) -> torch.nn.Module:
-        return self._model
+        """The transformers model (a LoRA policy's with its adapter injected and active)."""
+        return lora_utils.base_causal_lm(self._model)
 
     @property
     def _forward_model(self):
@@ -79,13 +101,14 @@ class TorchBackend(PolicyBackend):
 
     # ---- reference model -------------------------------------------------------------------
     def reset_reference(self) -> None:
-        """Freeze a copy of the current policy as the KL reference (after the SFT warm-up)."""
-        if self.algo.kl_beta == 0:
+        """Freeze a copy of the current policy as the KL reference (after the SFT warm-up). A LoRA
+        policy's reference is its base model: the adapter switched off, no copy."""
+        if self.algo.kl_beta == 0 or self.lora:
             return
         self.reference = copy.deepcopy(self._model).eval().requires_grad_(False)
 
     def load_reference(self, path: Path) -> None:
-        if self.algo.kl_beta == 0:
+        if self.algo.kl_beta == 0 or self.lora:  # LoRA: the base weights are the reference
             return
         if self.reference is None:
             self.reference = copy.deepcopy(self._model).eval().requires_grad_(False)
@@ -128,13 +151,22 @@ class TorchBackend(PolicyBackend):
         # One optimizer step per rollout batch (the default) is strictly on-policy: the old
         # log-probs equal the current ones, so no extra forward is spent on them.
         old = self._logprobs_no_grad(self._model, batch) if n_updates > 1 else None
-        ref = self._logprobs_no_grad(self.reference, batch) if self.reference is not None else None
+        ref = self._reference_logprobs(batch)
         totals, skipped = run_updates(batch, n_updates, old, ref, self._update)
         self.scheduler.step()
         totals["lr"] = self.scheduler.get_last_lr()[0]
         totals = dist_utils.mean_metrics(totals)
         totals["nonfinite_updates"] = float(skipped)
         return totals
+
+    def _reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor | None:
+        """The KL reference's log-probs: the frozen copy's, or a LoRA policy's with its adapter off."""
+        if self.algo.kl_beta == 0:
+            return None
+        if self.lora:
+            with lora_utils.adapters_disabled(self._model):
+                return self._logprobs_no_grad(self._model, batch)
+        return self._logprobs_no_grad(self.reference, batch) if self.reference is not None else None
 
     def _logprobs_no_grad(self, model, batch: PolicyBatch) -> torch.Tensor:
         mb = max(1, self.algo.micro_batch_size)
@@ -235,13 +267,13 @@ class TorchBackend(PolicyBackend):
         # Tree verification needs an arbitrary mask: flash-attn 2 (training) cannot take one.
         switched = self.train_attn not in TREE_ATTN
         if switched:
-            model.set_attn_implementation("sdpa")
+            self.model.set_attn_implementation("sdpa")
         try:
             with torch.no_grad(), self._inference_layout():
                 yield
         finally:
             if switched:
-                model.set_attn_implementation(self.train_attn)
+                self.model.set_attn_implementation(self.train_attn)
             model.train()
 
     def _inference_layout(self):
@@ -249,7 +281,7 @@ class TorchBackend(PolicyBackend):
         return contextlib.nullcontext()
 
     def target_runner(self, max_batch: int, max_len: int) -> HFTargetRunner:
-        return HFTargetRunner(self._model, max_batch, max_len)
+        return HFTargetRunner(self.model, max_batch, max_len)
 
     # ---- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -260,10 +292,19 @@ class TorchBackend(PolicyBackend):
         self.scheduler.load_state_dict(state["scheduler"])
 
     def save_hf(self, path: Path) -> None:
-        if self.rank == 0:  # replicated weights: rank 0 writes, the others have nothing to add
+        """An HF folder; a LoRA policy's is the adapter folder (+ ``merged/`` with
+        ``model.lora.save_merged``)."""
+        if self.rank != 0:  # replicated weights: rank 0 writes, the others have nothing to add
+            return
+        if self.lora:
+            write_lora(self._model, self.tokenizer, path, self.save_merged)
+        else:
             write_hf(self._model, self.tokenizer, path)
 
     def load_hf_weights(self, path: Path) -> None:
+        if self.lora:  # the base weights are model.path's; the checkpoint holds the adapter
+            lora_utils.load_adapter(self._model, lora_utils.read_adapter(path))
+            return
         missing, unexpected = self._model.load_state_dict(_read_safetensors(path), strict=False)
         real_missing = [k for k in missing if not _is_tied(self._model, k)]
         if real_missing or unexpected:
@@ -286,6 +327,18 @@ def write_hf(model, tokenizer, path: Path, state_dict: dict[str, torch.Tensor] |
     model.save_pretrained(Path(path), state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def write_lora(model, tokenizer, path: Path, merged: bool, state: dict[str, torch.Tensor] | None = None) -> None:
+    """A LoRA policy's HF export: the adapter folder at ``path``, and with ``merged`` the merged
+    model in ``path/merged``. ``state``: the peft model's whole state dict (ZeRO-3: gathered)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    lora_utils.save_adapter(model, tokenizer, path, state)
+    if merged:
+        lora_utils.save_merged(model, tokenizer, Path(path) / lora_utils.MERGED_DIR,
+                               state if state is not None else model.state_dict())
 
 
 def _is_tied(model, key: str) -> bool:
