@@ -161,7 +161,7 @@ def straight(tmp_path_factory):
 
 
 def test_lora_run_changes_only_the_adapter(straight):
-    root, trainer, start = straight
+    _, trainer, start = straight
     end = trainer.model.state_dict()
     changed = {k for k in start if not torch.equal(start[k], end[k])}
     assert changed and all(".lora_A." in k or ".lora_B." in k for k in changed), sorted(changed)[:5]
@@ -179,7 +179,7 @@ def test_lora_reference_logprobs_are_the_base_models(straight):
     from fastgrpo.backends.torch_backend import response_logprobs
     from fastgrpo.models import load_policy
 
-    root, trainer, _ = straight
+    _, trainer, _ = straight
     base, _ = load_policy(dataclasses.replace(trainer.cfg.model, lora=LoraConfig()))
     batch = build_policy_batch([[1, 5, 7], [2, 3]], [[9, 4, 8, 6], [10, 11]], 0, torch.tensor([1.0, -1.0]))
     with torch.no_grad():

@@ -52,9 +52,18 @@ def prepare_policy(model: torch.nn.Module, lora: LoraConfig | None, gradient_che
     if lora is not None and lora.enabled:
         model = lora_utils.apply_lora(model, lora)
     if gradient_checkpointing:
-        lora_utils.base_causal_lm(model).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(lora_utils.base_causal_lm(model))
     return model
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """HF's gradient checkpointing of every decoder layer, non-reentrant (no input needs grad,
+    ZeRO-3 hooks re-gather in the recompute); transformers >= 5.24 calls it activation checkpointing."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
