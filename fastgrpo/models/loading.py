@@ -98,6 +98,9 @@ def _preset_tokenizer(cfg: ModelConfig) -> Any:
 
     fresh = build_word_tokenizer(SYNTHETIC_WORDS)
     folder = os.path.join(cfg.preset_cache_dir, cfg.path, "tokenizer")
+    # Only a cache found stale here is replaced: a folder that appears meanwhile was written by
+    # another rank (the same tokenizer), and removing it would pull it from under that rank.
+    stale_found = os.path.exists(folder)
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         try:
             cached = _auto_tokenizer(folder)
@@ -111,7 +114,7 @@ def _preset_tokenizer(cfg: ModelConfig) -> Any:
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         fresh.save_pretrained(tmp)
-        if os.path.exists(folder):  # stale (built by another version of the vocabulary): replace
+        if stale_found and os.path.exists(folder):  # built by another version of the vocabulary: replace
             stale = f"{folder}.stale-{os.getpid()}-{time.time_ns()}"
             try:
                 os.rename(folder, stale)
