@@ -23,10 +23,17 @@ Accounting (bytes per parameter, all configurable through :class:`Precision`):
   slack; the EAGLE proposer adds a 1-layer cache of S_max + K_max*L_max slots and pending buffers
   [rows, S_max] of hidden states and int64 tokens; captured features (the target's final hidden
   state per response token) stay on the GPU until the draft update.
-- Activations are an estimate: full recompute (checkpointed layer inputs, 1F1B in-flight
-  micro-batches) + one layer's working set s*b*h*(10 + 24/TP) bytes (Korthikanti et al. 2022,
-  flash attention) + fp32 logits/log-softmax/grad on the last stage; the draft update holds
-  ~4 fp32 [token_budget, vocab] tensors (logits, target log-probs, log-softmax, grad).
+- LoRA (``lora_rank`` > 0, torch/deepspeed): the base weights are frozen, gradients and optimizer
+  state exist only for the adapter (r * (in + out) per adapted projection), in fp32 on torch
+  (peft keeps adapters of a bf16 model in fp32: 4+4+0+8 B) and in the backend's precision on
+  deepspeed; the KL reference is the base model with the adapter off: no second copy.
+- Activations are an estimate. With gradient checkpointing (backend.gradient_checkpointing;
+  megatron: full recompute) each layer keeps only its input (s*b*h, 1F1B in-flight micro-batches)
+  and one layer's working set s*b*h*(10 + 24/TP) bytes (Korthikanti et al. 2022, flash attention)
+  lives at a time; without it every layer keeps its working set. LoRA adds per adapted projection
+  its rank-r intermediate and, for fp32 adapters on a bf16 model, the fp32 copy of its input. Plus
+  fp32 logits/log-softmax/grad on the last stage; the draft update holds ~4 fp32
+  [token_budget, vocab] tensors (logits, target log-probs, log-softmax, grad).
 """
 
 from __future__ import annotations
@@ -36,8 +43,12 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from fastgrpo.plan_training import activation_bytes, adapter_precision, policy_bytes
+
 GiB = 1024**3
 I64 = 8  # int64 bookkeeping tensors (lengths, pending tokens)
+# model.lora's default targets for every modelled family (fastgrpo.models.lora.DEFAULT_TARGET_MODULES).
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,20 @@ class Arch:
         n += h if self.o_bias else 0
         n += 2 * d if self.qk_norm else 0
         return n
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear projection of a decoder layer, by its HF name."""
+        h, q, kv, f = self.hidden_size, self.num_heads * self.hd, self.num_kv_heads * self.hd, self.intermediate_size
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+    def lora_params(self, rank: int, targets: tuple[str, ...] = LORA_PROJECTIONS) -> int:
+        """Parameters of a rank-``rank`` LoRA adapter on ``targets`` of every layer (A: r x in, B: out x r)."""
+        shapes = self.projection_shapes()
+        unknown = sorted(set(targets) - set(shapes))
+        if unknown:
+            raise ValueError(f"LoRA targets {unknown} are not projections of {self.name} ({', '.join(shapes)})")
+        return self.num_layers * sum(rank * sum(shapes[t]) for t in targets)
 
     def total_params(self) -> int:
         """The HF checkpoint's parameter count (unpadded vocabulary)."""
@@ -245,6 +270,9 @@ class Options:
     gpu: str = "h100"
     gpu_gib: float | None = None  # overrides the GPU's memory
     reserve_gib: float = 5.0  # CUDA context, NCCL buffers, allocator fragmentation
+    lora_rank: int = 0  # > 0: a LoRA adapter of this rank is trained, the base weights frozen
+    lora_targets: tuple[str, ...] = LORA_PROJECTIONS
+    gradient_checkpointing: bool = True  # each layer keeps only its input; False: every activation
 
 
 @dataclass
@@ -259,6 +287,7 @@ class StagePlan:
 class Plan:
     model: str
     total_params: int
+    trainable_params: int  # what gets gradients and optimizer state: all, or the LoRA adapter
     layout: str
     precision: str
     gpu: str
@@ -322,13 +351,8 @@ def _stage(arch: Arch, layout: Layout, prec: Precision, shape: RolloutShape, opt
     p = stage_params(arch, layout, stage)
     b, rows = prec.param_bytes, shape.rows_per_rank(layout.dp)
     s_max = shape.prompt_len + shape.response_len + slack
-    h, v_local = arch.hidden_size, layout.padded_vocab(arch) // layout.tp
-    it: dict[str, int] = {
-        "weights": _ceil_div(p, layout.shard("weights")) * b,
-        "grads": _ceil_div(p, layout.shard("grads")) * prec.grad_bytes,
-        "optimizer": _ceil_div(p, layout.shard("optim")) * (prec.master_bytes + prec.optim_bytes),
-        "reference": 0 if opts.kl_beta == 0 or opts.reference_offload else _ceil_div(p, layout.shard("weights")) * b,
-    }
+    h = arch.hidden_size
+    it: dict[str, int] = policy_bytes(arch, layout, prec, opts, p)
     drafting = last and opts.draft != "none"
     dparams = draft_params(arch, opts) if drafting else 0
     it["draft"] = dparams * b * 4  # weights + grads + AdamW m, v in the draft's dtype
@@ -340,7 +364,9 @@ def _stage(arch: Arch, layout: Layout, prec: Precision, shape: RolloutShape, opt
     need_emb = drafting and opts.draft == "eagle" and (sharded or (layout.pp > 1 and not arch.tied_embeddings))
     replicas = int(need_emb or need_head) if arch.tied_embeddings else need_emb + need_head
     it["draft heads"] = replicas * arch.vocab_size * h * b
-    it["gathered weights"] = p * b if layout.zero == 3 else 0
+    adapter = arch.lora_params(opts.lora_rank, opts.lora_targets) // layout.pp if opts.lora_rank else 0
+    whole = p * b + adapter * adapter_precision(prec, layout.backend).param_bytes
+    it["gathered weights"] = whole if layout.zero == 3 else 0
     it["kv cache"] = kv_cache_bytes(arch, rows, s_max, b, layout.tp, layout.pp)
     if drafting and opts.draft == "eagle":
         it["draft kv cache"] = kv_cache_bytes(arch, rows, s_max + slots, b, layers=1)
@@ -352,11 +378,7 @@ def _stage(arch: Arch, layout: Layout, prec: Precision, shape: RolloutShape, opt
     else:
         it["draft kv cache"] = it["draft buffers"] = 0
     it["features"] = rows * shape.response_len * h * b if drafting and not opts.features_on_cpu else 0
-    mb, inflight = shape.micro_batch, min(layout.pp - stage, max(1, rows // shape.micro_batch))
-    s_train, n_layers = shape.prompt_len + shape.response_len, arch.num_layers // layout.pp
-    act = inflight * n_layers * mb * s_train * h * b + int(mb * s_train * h * (10 + 24 / layout.tp))
-    act += mb * s_train * v_local * (b + 4 + 4) if last else 0
-    it["activations (est.)"] = act
+    it["activations (est.)"] = activation_bytes(arch, layout, prec, shape, opts, stage)
     it["draft update (est.)"] = 4 * opts.draft_token_budget * arch.vocab_size * 4 if drafting else 0
     pers = sum(it[k] for k in PERSISTENT)
     phases = {"generation": pers + sum(it[k] for k in GENERATION), "policy update": pers + sum(it[k] for k in TRAINING),
@@ -394,6 +416,9 @@ def make_plan(arch: Arch, layout: Layout, prec: Precision, shape: RolloutShape, 
     slots = bp.k_max * bp.l_max
     if opts.draft not in ("eagle", "lm", "none"):
         raise ValueError(f"draft {opts.draft!r}: eagle | lm | none")
+    if opts.lora_rank and layout.backend == "megatron":
+        raise ValueError("LoRA is modelled on the torch and deepspeed backends only (the megatron backend refuses "
+                         "model.lora)")
     if opts.gpu_gib is None and opts.gpu not in GPUS:
         raise ValueError(f"gpu {opts.gpu!r}: one of {', '.join(GPUS)} (or give its memory in GiB)")
     gpu_name, gib = GPUS.get(opts.gpu, (opts.gpu, 0.0))
@@ -405,7 +430,15 @@ def make_plan(arch: Arch, layout: Layout, prec: Precision, shape: RolloutShape, 
     peak = max(max(sp.phases[k] for k in ("generation", "policy update", "draft update")) for sp in plans)
     per_row = max(sum(sp.items[k] for k in GENERATION if k != "gathered weights") / rows for sp in plans)
     free = min(cap - reserve - sp.phases["persistent"] - sp.items["gathered weights"] for sp in plans)
+    trainable = arch.lora_params(opts.lora_rank, opts.lora_targets) if opts.lora_rank else arch.total_params()
     notes = []
+    if opts.lora_rank:
+        notes.append(f"LoRA r={opts.lora_rank} on {', '.join(opts.lora_targets)}: {trainable / 1e6:.1f}M trainable "
+                     f"parameters ({100 * trainable / arch.total_params():.2f}%); gradients and optimizer state for "
+                     "the adapter only; the KL reference is the base model with the adapter off (no copy)")
+    notes.append("activations: " + ("gradient checkpointing (each layer keeps its input, one layer recomputed at a "
+                                    "time)" if opts.gradient_checkpointing else
+                                    "no gradient checkpointing (every layer keeps its activations)"))
     if opts.draft != "none" and layout.tp * layout.pp > 1:
         notes.append("the draft and its buffers live on the last pipeline stage, replicated over its TP ranks")
     if layout.zero == 3:
@@ -414,11 +447,19 @@ def make_plan(arch: Arch, layout: Layout, prec: Precision, shape: RolloutShape, 
         notes.append(f"stages 1..{layout.pp - 2} hold only their layers: less than the first stage")
     if layout.dp > 1:
         notes.append(f"rows per DP rank = {shape.prompts_per_step}*{shape.group_size}/{layout.dp} = {rows}")
-    return Plan(model=arch.name, total_params=arch.total_params(), layout=layout.describe(), precision=prec.describe(),
+    return Plan(model=arch.name, total_params=arch.total_params(), trainable_params=trainable,
+                layout=layout.describe(), precision=_precision_line(prec, layout, opts),
                 gpu=f"{gpu_name} ({gib:.1f} GiB)", capacity=cap, reserve=reserve, rows_per_rank=rows,
                 seq_slots=shape.prompt_len + shape.response_len + slack, stages=plans, peak=peak,
                 fits=peak <= cap - reserve, max_rows_fit=max(0, int(free // per_row)),
                 budget=budget_rows(rows, bp, levels), notes=notes)
+
+
+def _precision_line(prec: Precision, layout: Layout, opts: Options) -> str:
+    if not opts.lora_rank:
+        return prec.describe()
+    return (f"frozen base weights {prec.param_bytes} B/param; LoRA adapter "
+            + adapter_precision(prec, layout.backend).describe())
 
 
 def with_dp_from_world(layout: Layout, world: int) -> Layout:

@@ -2,6 +2,8 @@
 
     fastgrpo-plan --model llama3-70b --tp 8 --pp 2 --nodes 2 --gpus-per-node 8 --gpu h100
     fastgrpo-plan --model /models/Qwen2.5-7B-Instruct --backend deepspeed --zero-stage 3 --dp 8 --json
+    fastgrpo-plan experiment=paper_qwen2.5-7b_1gpu --gpu h800        # the plan of a fastgrpo-train config
+    fastgrpo-plan experiment=paper_qwen2.5-7b --dp 8
 
 Prints, per GPU (for the first and the last pipeline stage when PP > 1), the bytes of the policy's
 weights, gradients and optimizer state, the KL reference model, the draft model and its optimizer,
@@ -9,6 +11,12 @@ the rollout KV caches and buffers, estimated activations, the peak of each phase
 (generation, policy update, draft update) against the GPU's memory, and the verification budget
 (N_verify, K, L) the concurrency-aware controller picks as rows finish. The accounting is
 documented in fastgrpo/plan.py.
+
+Hydra overrides (``key=value``, ``experiment=NAME``, put before any flag) compose fastgrpo-train's
+config and plan that run: its model (``model.path``'s config.json, else the ``model`` group's name
+as an architecture preset), backend and layout, precision, rollout shape, KL, draft, verification
+budget, LoRA and gradient checkpointing. Flags given explicitly override it; the number of GPUs
+comes from --dp / --nodes (a config does not say how many processes launch it).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from fastgrpo.plan import (
     ARCH_PRESETS,
     GENERATION,
     GPUS,
+    LORA_PROJECTIONS,
     PERSISTENT,
     Layout,
     Options,
@@ -41,6 +50,9 @@ PHASES = ("persistent", "generation", "policy update", "draft update")
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="fastgrpo-plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="fastgrpo-train config overrides (e.g. experiment=paper_qwen2.5-7b_1gpu): plan that run; "
+                        "explicit flags win")
     m = p.add_argument_group("model")
     m.add_argument("--model", default="llama3-70b",
                    help=f"an architecture preset ({', '.join(ARCH_PRESETS)}) or a folder with an HF config.json")
@@ -75,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--micro-batch", type=int, default=1, help="sequences per training forward/backward")
     ro.add_argument("--kl-beta", type=float, default=0.04, help="KL coefficient; 0 builds no reference model")
     ro.add_argument("--reference-offload", action="store_true", help="reference weights on CPU between uses")
+    tr = p.add_argument_group("training memory")
+    tr.add_argument("--lora-rank", type=int, default=0,
+                    help="train a LoRA adapter of this rank (torch/deepspeed), base weights frozen; 0: full fine-tuning")
+    tr.add_argument("--lora-targets", nargs="+", default=list(LORA_PROJECTIONS), help="projections the adapter adapts")
+    tr.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="each layer keeps only its input and is recomputed in the backward pass")
     dr = p.add_argument_group("draft model")
     dr.add_argument("--draft", default="eagle", choices=["eagle", "lm", "none"],
                     help="eagle: one decoder layer + fc on the target's hidden states; lm: an independent "
@@ -109,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 def plan_from_args(a: argparse.Namespace) -> Plan:
     from fastgrpo.rollout.budget import BudgetParams
 
+    if a.lora_rank < 0:
+        raise ValueError(f"--lora-rank {a.lora_rank}: must be >= 0 (0: full fine-tuning)")
     arch = load_arch(a.model)
     layout = Layout(a.backend, a.tp, a.pp, 1, a.zero_stage, not a.no_distributed_optimizer, a.vocab_divisible_by)
     if a.dp is not None:
@@ -124,7 +144,9 @@ def plan_from_args(a: argparse.Namespace) -> Plan:
     shape = RolloutShape(a.prompts_per_step, a.group_size, a.prompt_len, a.response_len, a.micro_batch)
     opts = Options(draft=a.draft, draft_arch=load_arch(a.draft_model) if a.draft_model else None,
                    kl_beta=a.kl_beta, reference_offload=a.reference_offload, features_on_cpu=a.features_on_cpu,
-                   draft_token_budget=a.draft_token_budget, gpu=a.gpu, gpu_gib=a.gpu_gib, reserve_gib=a.reserve_gib)
+                   draft_token_budget=a.draft_token_budget, gpu=a.gpu, gpu_gib=a.gpu_gib, reserve_gib=a.reserve_gib,
+                   lora_rank=a.lora_rank, lora_targets=tuple(a.lora_targets),
+                   gradient_checkpointing=a.gradient_checkpointing)
     bp = BudgetParams(c_peak=a.c_peak, n_max=a.n_max, k_max=a.k_max, l_min=a.l_min, l_max=a.l_max, alpha=a.alpha)
     return make_plan(arch, layout, prec, shape, opts, bp, a.concurrency)
 
@@ -142,7 +164,8 @@ def summary_lines(plan: Plan) -> list[str]:
     usable = plan.capacity - plan.reserve
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
     return [
-        f"model {plan.model}: {plan.total_params / 1e9:.2f}B parameters; {plan.layout}",
+        (f"model {plan.model}: {plan.total_params / 1e9:.2f}B parameters ({plan.trainable_params / 1e9:.3f}B "
+         f"trainable); {plan.layout}"),
         f"precision: {plan.precision}",
         f"rows per DP rank {plan.rows_per_rank}, KV slots per row {plan.seq_slots} (prompt + response + tree slack)",
         (f"{plan.gpu}: usable {gib(usable):.1f} GiB after a {gib(plan.reserve):.1f} GiB reserve; "
@@ -196,11 +219,23 @@ def print_plan(plan: Plan, plain: bool = False, file=None) -> None:
                       soft_wrap=True)
 
 
+def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The ``dest`` of every option that ``argv`` names (``--tp 8`` or ``--tp=8``)."""
+    return {a.dest for a in parser._actions for opt in a.option_strings
+            if any(arg == opt or arg.startswith(opt + "=") for arg in argv)}
+
+
 # Every ValueError of the paper plan is about its input (a layout that does not divide, a folder
 # without config.json): reported as one line, exit 2.
 @cli_errors("fastgrpo-plan", extra=(ValueError,))
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if args.overrides:
+        from fastgrpo.cli.plan_config import apply_run_config
+
+        apply_run_config(args, explicit_options(parser, argv))
     plan = plan_from_args(args)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
