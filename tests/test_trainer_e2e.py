@@ -349,8 +349,10 @@ def test_cost_model_resume_reproduces_rollouts_and_draft(tmp_path):
     spec = tuple(o for o in SPEC if o != "rollout.policy=formula") + ("rollout.policy=cost_model",)
     straight, _ = run_trainer(tmp_path / "a", *spec)
     hist = step_metrics(straight.history)
-    # Trees were verified: after AR, every draft shape is tried once (whether they pay is timing).
-    assert sum(h["rollout/cost_model_spec_steps"] for h in hist.values()) > 0
+    # Draft shapes were played: after AR, each is tried once in a new concurrency bucket. (How
+    # many of their nodes were verified is timing: choose_tree may cut a tree to its root on a
+    # busy machine, so rollout/cost_model_spec_steps can be 0.)
+    assert straight.budget_policy.arm_stats, "no draft shape was ever played"
     run_trainer(tmp_path / "b", "trainer.steps=2", *spec)
     resumed, _ = run_trainer(tmp_path / "b", "checkpoint.resume=auto", *spec)
     again = step_metrics(resumed.history)

@@ -92,7 +92,8 @@ class EagleProposer:
         self.pend_len[:b] += counts
 
     def drop_rows(self, rows: torch.Tensor) -> None:
-        self.rows = compact_rows(self.rows, rows, self.pend_h, self.pend_tok, self.pend_len)
+        n = int(self.pend_len[: self.rows].max()) if self.rows else 0  # the pending part only
+        self.rows = compact_rows(self.rows, rows, self.pend_h[:, :n], self.pend_tok[:, :n], self.pend_len)
         self.cache.drop_rows(rows)
 
     def release(self) -> None:

@@ -24,13 +24,23 @@ def additive_mask(mask_bool: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def compact_rows(num_rows: int, drop: torch.Tensor, *buffers: torch.Tensor) -> int:
     """Move the rows of ``buffers`` (first dim) that are not in ``drop`` to the front, keeping
-    their order; returns how many rows remain. Rows past that are never read again."""
+    their order; returns how many rows remain. Rows past that are never read again.
+
+    Only the rows behind the first dropped one move; pass views of the used part of each buffer
+    (e.g. ``k[:, :, :used]``): a GRPO rollout drops rows dozens of times, and copying whole
+    max-length KV buffers each time cost more than the decoding forwards."""
     keep = torch.ones(num_rows, dtype=torch.bool, device=buffers[0].device)
     keep[drop.to(keep.device)] = False
     idx = keep.nonzero().squeeze(1)
+    m = idx.numel()
+    moved = (idx != torch.arange(m, device=idx.device)).nonzero()
+    if moved.numel() == 0:  # only trailing rows were dropped
+        return m
+    first = int(moved[0])
+    src = idx[first:]
     for buf in buffers:
-        buf[: idx.numel()] = buf[idx]
-    return idx.numel()
+        buf[first:m] = buf[src]
+    return m
 
 
 def pad_prompts(prompts: list[list[int]], max_batch: int, max_len: int,
@@ -151,14 +161,17 @@ class RaggedKVCache(Cache):
         prompt share its prefill. index may be longer than the current rows (up to the batch)."""
         n = index.numel()
         index = index.to(self.lengths.device)
+        used = int(self.lengths[: self.num_rows].max()) if self.num_rows else 0  # the prompts' part
         for buf in (*self.keys, *self.values):
-            buf[:n] = buf[index]
+            buf[:n, :, :used] = buf[index, :, :used]
         self.lengths[:n] = self.lengths[index]
         self.num_rows = n
 
     def drop_rows(self, rows: torch.Tensor) -> None:
         # Compact into the leading rows; attention never reads rows >= num_rows.
-        m = compact_rows(self.num_rows, rows, *self.keys, *self.values, self.lengths)
+        used = int(self.lengths[: self.num_rows].max()) if self.num_rows else 0
+        m = compact_rows(self.num_rows, rows, *(buf[:, :, :used] for buf in (*self.keys, *self.values)),
+                         self.lengths)
         self.lengths[m:] = 0
         self.num_rows = m
 
