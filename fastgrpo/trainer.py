@@ -200,6 +200,7 @@ class GRPOTrainer:
             after = self._timed("eval", self.evaluate)
             self.history.append({"step": self.step, **after.metrics()})
             tracker.log_metrics(after.metrics(), step=self.step)
+            self._say(f"held-out accuracy after GRPO: {after.accuracy:.3f} (+- {after.se:.3f}, {after.n} problems)")
             if self._saved_step != self.step:
                 self.save_checkpoint()
             summary = self._summary(after, time.perf_counter() - t_start, tracker)
