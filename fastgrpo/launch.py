@@ -1,4 +1,4 @@
-"""Cluster launch helpers: Slurm rendezvous, DeepSpeed hostfiles, graceful preemption.
+"""Cluster launch helpers: Slurm rendezvous, DeepSpeed hostfiles.
 
 Everything here is a pure function of its inputs (an environment mapping, a list of hosts, a
 file's text), so it is tested without a cluster. ``python -m fastgrpo.launch`` exposes it to the
@@ -21,26 +21,19 @@ Two srun styles are covered (see launchers/README.md):
   --rdzv_id jobid``; torchrun sets the per-process variables itself. With the c10d rendezvous,
   torchrun assigns node ranks in arrival order; ``--node_rank`` only matters to a static rendezvous.
 
-``PreemptionGuard`` turns SIGTERM / SIGUSR1 into a flag that every rank agrees on at a step
-boundary (one all-reduce of one number per step); ``fastgrpo.trainer`` uses it to checkpoint and
-stop cleanly (see ``Preempted`` there).
+Graceful preemption (``PreemptionGuard``) lives in :mod:`fastgrpo.preemption`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import shlex
-import signal
 import sys
-import threading
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger("fastgrpo")
 
 # MASTER_PORT = PORT_BASE + job id % PORT_SPAN: below the Linux ephemeral range (32768-60999, where
 # outgoing connections take their ports) and above the well-known / registered ports most
@@ -185,6 +178,54 @@ def _gpus_on_node(env: Mapping[str, str]) -> int | None:
     return None
 
 
+_SLURM_GROUPS = {
+    "SLURM_JOB_ID": ("SLURM_JOB_ID", "SLURM_JOBID"),
+    "SLURM_JOB_NODELIST": ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"),
+    "SLURM_NNODES": ("SLURM_NNODES", "SLURM_JOB_NUM_NODES"),
+    "SLURM_NODEID": ("SLURM_NODEID",),
+    "SLURM_PROCID": ("SLURM_PROCID",),
+    "SLURM_LOCALID": ("SLURM_LOCALID",),
+    "SLURM_NTASKS": ("SLURM_NTASKS", "SLURM_NPROCS"),
+}
+
+
+def _slurm_values(env: Mapping[str, str]) -> dict[str, str]:
+    """The Slurm variables :func:`slurm_rendezvous` needs (each under its canonical name); all missing
+    ones are named in one :class:`LaunchError`."""
+    values: dict[str, str] = {}
+    missing = []
+    for key, names in _SLURM_GROUPS.items():
+        v = _first(env, *names)
+        if v is None:
+            missing.append(key if len(names) == 1 else f"{key} (or {', '.join(n for n in names if n != key)})")
+        else:
+            values[key] = v
+    if missing:
+        raise LaunchError("not inside an srun task? missing Slurm variable(s): " + "; ".join(missing))
+    return values
+
+
+def _tasks_per_node(env: Mapping[str, str], nnodes: int, ntasks: int) -> list[int]:
+    """Tasks on each node: SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE, else SLURM_NTASKS_PER_NODE,
+    else NTASKS / NNODES; checked against NNODES and NTASKS."""
+    tpn_spec = _first(env, "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+    if tpn_spec is not None:
+        per_node = parse_tasks_per_node(tpn_spec)
+    elif _first(env, "SLURM_NTASKS_PER_NODE") is not None:
+        per_node = [_int("SLURM_NTASKS_PER_NODE", _first(env, "SLURM_NTASKS_PER_NODE"))] * nnodes
+    elif ntasks % nnodes == 0:
+        per_node = [ntasks // nnodes] * nnodes
+    else:
+        raise LaunchError(f"SLURM_NTASKS={ntasks} is not a multiple of SLURM_NNODES={nnodes} and neither "
+                          "SLURM_TASKS_PER_NODE nor SLURM_NTASKS_PER_NODE is set")
+    if len(per_node) != nnodes:
+        raise LaunchError(f"tasks per node {per_node} (SLURM_TASKS_PER_NODE={tpn_spec!r}) do not cover "
+                          f"SLURM_NNODES={nnodes} nodes")
+    if sum(per_node) != ntasks:
+        raise LaunchError(f"tasks per node {per_node} sum to {sum(per_node)}, not SLURM_NTASKS={ntasks}")
+    return per_node
+
+
 def slurm_rendezvous(env: Mapping[str, str], nproc_per_node: int | None = None) -> dict[str, Any]:
     """The distributed launch of the current srun task, derived from Slurm's variables.
 
@@ -201,26 +242,7 @@ def slurm_rendezvous(env: Mapping[str, str], nproc_per_node: int | None = None) 
     ``nproc_per_node``, $FASTGRPO_NPROC_PER_NODE, SLURM_GPUS_ON_NODE or SLURM_GPUS_PER_NODE.
     MASTER_ADDR is the first host; MASTER_PORT see :func:`master_port_for`.
     """
-    groups = {
-        "SLURM_JOB_ID": ("SLURM_JOB_ID", "SLURM_JOBID"),
-        "SLURM_JOB_NODELIST": ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"),
-        "SLURM_NNODES": ("SLURM_NNODES", "SLURM_JOB_NUM_NODES"),
-        "SLURM_NODEID": ("SLURM_NODEID",),
-        "SLURM_PROCID": ("SLURM_PROCID",),
-        "SLURM_LOCALID": ("SLURM_LOCALID",),
-        "SLURM_NTASKS": ("SLURM_NTASKS", "SLURM_NPROCS"),
-    }
-    values: dict[str, str] = {}
-    missing = []
-    for key, names in groups.items():
-        v = _first(env, *names)
-        if v is None:
-            missing.append(key if len(names) == 1 else f"{key} (or {', '.join(n for n in names if n != key)})")
-        else:
-            values[key] = v
-    if missing:
-        raise LaunchError("not inside an srun task? missing Slurm variable(s): " + "; ".join(missing))
-
+    values = _slurm_values(env)
     job_id = values["SLURM_JOB_ID"]
     hosts = expand_nodelist(values["SLURM_JOB_NODELIST"], "SLURM_JOB_NODELIST")
     nnodes = _int("SLURM_NNODES", values["SLURM_NNODES"])
@@ -231,22 +253,7 @@ def slurm_rendezvous(env: Mapping[str, str], nproc_per_node: int | None = None) 
     if len(hosts) != nnodes:
         raise LaunchError(f"SLURM_JOB_NODELIST={values['SLURM_JOB_NODELIST']!r} names {len(hosts)} host(s) "
                           f"but SLURM_NNODES={nnodes}")
-
-    tpn_spec = _first(env, "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
-    if tpn_spec is not None:
-        per_node = parse_tasks_per_node(tpn_spec)
-    elif _first(env, "SLURM_NTASKS_PER_NODE") is not None:
-        per_node = [_int("SLURM_NTASKS_PER_NODE", _first(env, "SLURM_NTASKS_PER_NODE"))] * nnodes
-    elif ntasks % nnodes == 0:
-        per_node = [ntasks // nnodes] * nnodes
-    else:
-        raise LaunchError(f"SLURM_NTASKS={ntasks} is not a multiple of SLURM_NNODES={nnodes} and neither "
-                          "SLURM_TASKS_PER_NODE nor SLURM_NTASKS_PER_NODE is set")
-    if len(per_node) != nnodes:
-        raise LaunchError(f"tasks per node {per_node} (SLURM_TASKS_PER_NODE={tpn_spec!r}) do not cover "
-                          f"SLURM_NNODES={nnodes} nodes")
-    if sum(per_node) != ntasks:
-        raise LaunchError(f"tasks per node {per_node} sum to {sum(per_node)}, not SLURM_NTASKS={ntasks}")
+    per_node = _tasks_per_node(env, nnodes, ntasks)
     if not 0 <= node_id < nnodes:
         raise LaunchError(f"SLURM_NODEID={node_id} is outside 0..{nnodes - 1} (SLURM_NNODES={nnodes})")
     if not 0 <= proc_id < ntasks:
@@ -400,86 +407,6 @@ def read_hostfile(path: str | Path) -> dict[str, int]:
     except OSError as e:
         raise LaunchError(f"cannot read hostfile {p}: {e.strerror or e}") from None
     return parse_hostfile(text, source=str(p))
-
-
-# ---- preemption ----------------------------------------------------------------------------------
-
-PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
-
-
-def signal_name(signum: int | None) -> str:
-    if signum is None:
-        return "none"
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return str(signum)
-
-
-class PreemptionGuard:
-    """SIGTERM / SIGUSR1 set a flag instead of killing the process; ``should_stop`` is the
-    decision every rank takes together at a step boundary.
-
-    ``install`` only works in the main thread (``signal.signal`` refuses elsewhere; then the guard
-    is inert and says so in the log); ``restore`` puts the previous handlers back. The handler
-    only records the first signal: no I/O inside a signal handler (a print interrupted by a print
-    raises "reentrant call"). A repeated signal (Slurm signals every process of a step and torchrun
-    forwards it again) changes nothing. SIGINT is left alone (Ctrl-C still stops at once).
-    """
-
-    def __init__(self, signals: Iterable[str] = PREEMPTION_SIGNALS):
-        self.signals = tuple(getattr(signal, n) for n in signals if hasattr(signal, n))
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.received is not None
-
-    @property
-    def installed(self) -> bool:
-        return bool(self._previous)
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is None:
-            self.received = signum
-
-    def install(self) -> bool:
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("not in the main thread: SIGTERM/SIGUSR1 keep their handlers (no graceful preemption)")
-            return False
-        for s in self.signals:
-            if s not in self._previous:
-                self._previous[s] = signal.signal(s, self._handle)
-        return True
-
-    def restore(self) -> None:
-        for s, prev in self._previous.items():
-            # None: the previous handler was not installed from Python; the default is the best guess.
-            signal.signal(s, prev if prev is not None else signal.SIG_DFL)
-        self._previous.clear()
-
-    def __enter__(self) -> PreemptionGuard:  # noqa: PYI034
-        self.install()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
-
-    def should_stop(self, device: Any = None) -> bool:
-        """True on every rank if any rank received a signal (one MAX all-reduce; no-op alone).
-
-        ``device``: where the flag tensor lives (a CUDA device under NCCL)."""
-        local = self.requested
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return local
-        import torch
-
-        flag = torch.tensor([1.0 if local else 0.0], device=device if device is not None else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
 
 
 # ---- CLI ------------------------------------------------------------------------------------------

@@ -29,9 +29,9 @@ from fastgrpo.data import PromptLoader, build_datasets
 from fastgrpo.draft import sequences_from_rollouts
 from fastgrpo.draft.learner import subsample
 from fastgrpo.evaluation import EvalResult, evaluate, paired_difference
-from fastgrpo.launch import PreemptionGuard, signal_name
 from fastgrpo.models import is_preset, load_policy, model_fingerprint
 from fastgrpo.plots import plot_training_curves
+from fastgrpo.preemption import PreemptionGuard, signal_name
 from fastgrpo.progress import StepProgress
 from fastgrpo.report import build_summary, format_summary, mlflow_ui_command, write_summary
 from fastgrpo.rewards import RewardScorer, get_reward_fn

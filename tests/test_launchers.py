@@ -16,7 +16,6 @@ import pytest
 
 from fastgrpo.launch import (
     LaunchError,
-    PreemptionGuard,
     deepspeed_hostfile,
     expand_nodelist,
     export_lines,
@@ -27,6 +26,7 @@ from fastgrpo.launch import (
     slurm_rendezvous,
 )
 from fastgrpo.launch import main as launch_main
+from fastgrpo.preemption import PreemptionGuard
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = REPO / "launchers"
@@ -403,7 +403,7 @@ def test_guard_records_the_signal_and_restores_handlers():
 
 _AGREE_WORKER = """
 import os, sys, torch.distributed as dist
-from fastgrpo.launch import PreemptionGuard
+from fastgrpo.preemption import PreemptionGuard
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
 g = PreemptionGuard()

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from fastgrpo.launch import PREEMPTION_SIGNALS, PreemptionGuard, signal_name
+from fastgrpo.preemption import PREEMPTION_SIGNALS, PreemptionGuard, signal_name
 
 EXIT_USER_ERROR = 2
 TRACEBACK_VARS = ("FASTGRPO_TRACEBACK", "HYDRA_FULL_ERROR")

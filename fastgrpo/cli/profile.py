@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from fastgrpo.cli.errors import ArgumentParser, cli_errors
-from fastgrpo.rollout.profile import DEFAULT_CACHE_DIR
+from fastgrpo.rollout.profile_cache import DEFAULT_CACHE_DIR
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,26 +20,30 @@ throughput against tokens per forward, with the knee marked, is written next to 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from fastgrpo.rollout.profile_cache import (
+    CACHE_FORMAT,
+    DEFAULT_CACHE_DIR,
+    CPeakProfile,
+    _atomic_write_bytes,
+    _read_cache,
+    cache_key,
+    cache_path,
+    model_info,
+)
 
-CACHE_FORMAT = 1
-DEFAULT_CACHE_DIR = ".cache/fastgrpo/c_peak"
+logger = logging.getLogger(__name__)
 
 RunnerFactory = Callable[[int, int], Any]  # (max_batch, max_len) -> TargetRunner
 PointLike = dict[str, Any] | Sequence[float]
@@ -263,80 +267,7 @@ def find_knee(points: Sequence[PointLike], frac: float = 0.95, latency_tol: floa
     return int(knee_details(points, frac, latency_tol)["c_peak"])
 
 
-# ----------------------------------------------------------------------------- cache + plot
-
-
-def device_name(device: str | torch.device) -> str:
-    """A human-readable name of the hardware (the GPU model; the CPU model and thread count)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"cpu:{cpu} ({torch.get_num_threads()} threads)"
-
-
-def cache_key(
-    model: Any,
-    *,
-    dtype: str | None = None,
-    device: str | None = None,
-    layout: str = "single",
-) -> dict[str, Any]:
-    """What the knee depends on: the shapes (not the weights, not the name: a fine-tune of a
-    model shares its knee), dtype, device, torch version and parallel layout. The CLI and the
-    trainer compute the same key for the same model on the same hardware."""
-    from fastgrpo.models.loading import model_fingerprint
-
-    p = next(model.parameters())
-    config = getattr(model, "config", None)
-    shape = dict(model_fingerprint(model))
-    heads = shape.get("num_attention_heads")
-    hidden = shape.get("hidden_size")
-    shape["intermediate_size"] = getattr(config, "intermediate_size", None)
-    shape["head_dim"] = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
-    return {
-        "shape": shape,
-        "dtype": dtype or str(p.dtype).removeprefix("torch."),
-        "device": device or device_name(p.device),
-        "torch": torch.__version__,
-        "layout": layout,
-    }
-
-
-def model_info(model: Any, model_name: str | None = None) -> dict[str, Any]:
-    """Recorded next to the key for people, not matched: the model's name and attention kernel."""
-    config = getattr(model, "config", None)
-    name = model_name or getattr(config, "name_or_path", "") or getattr(config, "model_type", "model")
-    if os.path.isdir(str(name)):
-        name = os.path.realpath(name)
-    return {"model": str(name), "attn_implementation": str(getattr(config, "_attn_implementation", None))}
-
-
-def cache_path(cache_dir: str | os.PathLike, key: dict[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"c_peak-{digest}.json"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# ----------------------------------------------------------------------------- the plot
 
 
 def plot_profile(points: Sequence[dict[str, Any]], out: str | os.PathLike, frac: float = 0.95,
@@ -344,14 +275,11 @@ def plot_profile(points: Sequence[dict[str, Any]], out: str | os.PathLike, frac:
     """PNG: latency and throughput against tokens per forward, the knee and the threshold marked."""
     import io
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from fastgrpo.plots import new_figure
 
     info = knee_details(points, frac, latency_tol)
     xs = [p["tokens"] for p in points]
-    fig = Figure(figsize=(11.0, 4.0), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_lat, ax_thr = fig.subplots(1, 2)
+    fig, (ax_lat, ax_thr) = new_figure(1, 2, width=5.5, height=4.0)
     ax_lat.plot(xs, [p["latency_ms"] for p in points], "o-")
     ax_lat.set_ylabel("latency per forward (ms)")
     ax_thr.plot(xs, [p["throughput_tok_s"] for p in points], "o-", label="measured")
@@ -374,33 +302,35 @@ def plot_profile(points: Sequence[dict[str, Any]], out: str | os.PathLike, frac:
     return out
 
 
-@dataclass
-class CPeakProfile:
-    c_peak: int
-    key: dict[str, Any]
-    path: Path
-    png: Path | None
-    cached: bool  # read from the cache (no measurement this time)
-    saturated: bool
-    peak_throughput_tok_s: float
-    points: list[dict[str, Any]] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)  # this caller's model name and attention
+def _cached_profile(data: dict[str, Any], key: dict[str, Any], path: Path, about: dict[str, Any]) -> CPeakProfile:
+    """The profile a valid cache record describes (no measurement)."""
+    return CPeakProfile(
+        c_peak=data["c_peak"], key=key, path=path,
+        png=Path(data["png"]) if data.get("png") else None, cached=True,
+        saturated=bool(data.get("saturated", True)),
+        peak_throughput_tok_s=float(data.get("peak_throughput_tok_s", 0.0)),
+        points=list(data.get("points", [])), settings=dict(data.get("settings", {})), info=about,
+    )
 
 
-def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+def _hf_runner_factory(model: Any) -> RunnerFactory:
+    """The default runner factory: an :class:`HFTargetRunner` over ``model``."""
+    from fastgrpo.rollout.hf_runner import HFTargetRunner
+
+    def runner_factory(b: int, L: int) -> Any:
+        return HFTargetRunner(model, b, L)
+
+    return runner_factory
+
+
+def _try_plot(points: Sequence[dict[str, Any]], png: Path, frac: float, title: str,
+              latency_tol: float | None) -> Path | None:
+    """:func:`plot_profile`, or None (logged) when it fails: a plot must never cost the measurement."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        return plot_profile(points, png, frac, title, latency_tol)
+    except Exception as e:  # noqa: BLE001 - a plot must never cost the measurement
+        logger.warning("could not write the C_peak plot %s: %s", png, e)
         return None
-    except (OSError, ValueError) as e:
-        logger.warning("ignoring unreadable C_peak cache %s (%s)", path, e)
-        return None
-    c = data.get("c_peak")
-    if data.get("format") != CACHE_FORMAT or data.get("key") != key or not isinstance(c, int) or c < 1:
-        logger.warning("ignoring C_peak cache %s: other format or key", path)
-        return None
-    return data
 
 
 def load_or_profile(
@@ -438,19 +368,9 @@ def load_or_profile(
         data = _read_cache(path, key)
         if data is not None:
             logger.info("C_peak %d from the cache %s", data["c_peak"], path)
-            return CPeakProfile(
-                c_peak=data["c_peak"], key=key, path=path,
-                png=Path(data["png"]) if data.get("png") else None, cached=True,
-                saturated=bool(data.get("saturated", True)),
-                peak_throughput_tok_s=float(data.get("peak_throughput_tok_s", 0.0)),
-                points=list(data.get("points", [])), settings=dict(data.get("settings", {})), info=about,
-            )
+            return _cached_profile(data, key, path, about)
     if runner_factory is None:
-        from fastgrpo.rollout.hf_runner import HFTargetRunner
-
-        def runner_factory(b: int, L: int) -> Any:
-            return HFTargetRunner(model, b, L)
-
+        runner_factory = _hf_runner_factory(model)
     grid = list(tokens_per_forward) if tokens_per_forward else default_token_grid(max_tokens)
     settings = {"tokens_per_forward": grid, "prefix_len": prefix_len, "max_rows": max_rows,
                 "max_tree": max_tree, "warmup": warmup, "repeats": repeats, "statistic": statistic,
@@ -464,11 +384,7 @@ def load_or_profile(
         logger.warning("C_peak sweep did not reach a throughput plateau by %d tokens per forward; "
                        "the knee may be larger (raise max_tokens)", info["tokens"][-1])
     title = f"{about['model']} {key['dtype']} on {key['device']} [{layout}]: C_peak = {info['c_peak']}"
-    png_written: Path | None = None
-    try:
-        png_written = plot_profile(points, png, frac, title, latency_tol)
-    except Exception as e:  # noqa: BLE001 - a plot must never cost the measurement
-        logger.warning("could not write the C_peak plot %s: %s", png, e)
+    png_written = _try_plot(points, png, frac, title, latency_tol)
     data = {
         "format": CACHE_FORMAT,
         "key": key,
