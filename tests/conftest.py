@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,23 @@ def make_tiny_qwen2(vocab: int = 24, seed: int = 0, attn: str = "sdpa", layers: 
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(3.0)
     return model
+
+
+def perturbed_model():
+    """The tiny policy moved away from its KL reference (make_tiny_qwen2()), so that the KL term
+    is non-zero and has a gradient."""
+    model = make_tiny_qwen2().train()
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.add_(0.01 * ((i % 3) - 1))
+    return model
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (MASTER_PORT for a multi-process test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

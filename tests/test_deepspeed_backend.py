@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_tiny_qwen2
+from conftest import free_port, make_tiny_qwen2, perturbed_model
 from test_torch_backend import make_batch  # the same batch as the torch backend's tests
 
 from fastgrpo.backends import build_policy_batch
@@ -54,15 +53,6 @@ ALGO = {"micro_batch_size": 3, "kl_beta": 0.04}
 OPTIM = OptimConfig(lr=1e-3, grad_clip=1.0)
 
 
-def perturbed_model():
-    """The policy, moved away from its KL reference (make_tiny_qwen2()) so that KL is non-zero."""
-    model = make_tiny_qwen2().train()
-    with torch.no_grad():
-        for i, p in enumerate(model.parameters()):
-            p.add_(0.01 * ((i % 3) - 1))
-    return model
-
-
 def greedy(runner_factory, prompts, max_new=10):
     out = RolloutEngine(runner_factory, "ar").generate(prompts, SamplingParams(temperature=0, max_new_tokens=max_new))
     return out.response_ids
@@ -83,12 +73,6 @@ def _expected(ref_dir):
         logits = backend.model.eval()(input_ids=probe).logits
     return {"loss": metrics["loss"], "kl": metrics["kl"], "pg_loss": metrics["pg_loss"], "state": {k: v.clone() for k, v in
             backend.model.state_dict().items()}, "greedy": before_greedy, "probe": probe, "logits": logits}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -197,7 +181,7 @@ def test_zero_stages_match_torch_backend_and_zero3_generation(tmp_path):
     make_tiny_qwen2().save_pretrained(tmp_path / "ref")
     expected = _expected(tmp_path / "ref")
     torch.save(expected, tmp_path / "expected.pt")
-    mp.spawn(_worker, args=(_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
     for stage in VARIANTS:
         res = r0[stage]

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -25,15 +25,9 @@ TINY = [
 COMPARED = ("reward/mean", "train/loss", "train/kl", "train/grad_norm", "rollout/mean_response_len", "rollout/tokens")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(tmp_path: Path, run: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
-           "NUM_GPUS": "2", "MASTER_PORT": str(_port()), "VENV": str(REPO / ".venv")}
+           "NUM_GPUS": "2", "MASTER_PORT": str(free_port()), "VENV": str(REPO / ".venv")}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = ["bash", str(REPO / "launchers" / "deepspeed.sh"), *TINY, f"trainer.output_dir={tmp_path / run}",
            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_location={tmp_path / 'art'}",

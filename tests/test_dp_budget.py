@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_tiny_qwen2
+from conftest import free_port, make_tiny_qwen2
 
 from fastgrpo.draft.eagle import EagleDraft
 from fastgrpo.draft.proposer import EagleProposer
@@ -21,12 +20,6 @@ from fastgrpo.rollout.hf_runner import HFTargetRunner
 
 PROMPTS = {0: [[1, 2, 3], [4, 5], [6, 7, 8, 9]], 1: [[3, 1]]}
 LENGTHS = {0: 6, 1: 20}  # rank 0 finishes long before rank 1
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, out_dir, mode):
@@ -59,7 +52,7 @@ def _worker(rank, world, port, out_dir, mode):
 
 
 def test_two_ranks_share_the_budget_every_step(tmp_path):
-    mp.spawn(_worker, args=(2, _port(), str(tmp_path), "mean"), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), "mean"), nprocs=2, join=True)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["equal_ar"] and r1["equal_ar"]

@@ -12,12 +12,10 @@ the recomputed forward is the same arithmetic, so losses agree to float order an
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import make_tiny_qwen2
+from conftest import free_port, make_tiny_qwen2, perturbed_model
 from test_torch_backend import make_batch
 
 from fastgrpo.config import AlgoConfig, DeepSpeedConfig, LoraConfig, MegatronConfig, OptimConfig
@@ -27,21 +25,6 @@ OPTIM = OptimConfig(lr=1e-3, grad_clip=1.0)
 LORA = LoraConfig(enabled=True, r=4, alpha=8.0)
 LOSS_TOL = {"rtol": 1e-6, "atol": 1e-7}
 GRAD_TOL = {"rtol": 1e-4, "atol": 1e-6}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def perturbed_model():
-    """The policy away from its reference (make_tiny_qwen2()), so that the KL term has a gradient."""
-    model = make_tiny_qwen2().train()
-    with torch.no_grad():
-        for i, p in enumerate(model.parameters()):
-            p.add_(0.01 * ((i % 3) - 1))
-    return model
 
 
 def _set_adapter(backend, seed: int) -> None:
@@ -153,7 +136,7 @@ def _set_adapter_zero3(backend, seed: int) -> None:
 
 @pytest.mark.slow
 def test_deepspeed_zero3_gradient_checkpointing_same_loss_and_gradients(tmp_path):
-    mp.spawn(_deepspeed_worker, args=(_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_deepspeed_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "deepspeed.pt", weights_only=False)
     for kind in ("full", "lora"):
         assert got[(kind, False)]["kl"] > 0
@@ -209,7 +192,7 @@ def _megatron_worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_megatron_activation_recompute_same_loss_and_gradients(tmp_path):
-    mp.spawn(_megatron_worker, args=(_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_megatron_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):  # each rank's own shard (TP) or stage (PP)
         got = torch.load(tmp_path / f"megatron_rank{rank}.pt", weights_only=False)
         for tp, pp in ((2, 1), (1, 2)):

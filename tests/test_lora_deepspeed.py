@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import make_tiny_qwen2
+from conftest import free_port, make_tiny_qwen2
 from test_torch_backend import make_batch
 
 from fastgrpo.config import AlgoConfig, DeepSpeedConfig, LoraConfig, OptimConfig
@@ -30,12 +29,6 @@ LORA = LoraConfig(enabled=True, r=4, alpha=8.0, save_merged=True)
 VARIANTS = {"zero2": DeepSpeedConfig(zero_stage=2),
             "zero3": DeepSpeedConfig(zero_stage=3, param_persistence_threshold=0)}
 PROBE = torch.tensor([[1, 5, 7, 2, 3, 9]])
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _whole_state(model) -> dict[str, torch.Tensor]:
@@ -94,7 +87,7 @@ def test_deepspeed_lora_reference_adapter_only_and_exports(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    mp.spawn(_worker, args=(_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "lora.pt", weights_only=False)
     for name, r in got.items():
         assert r["reference_is_none"], name  # no second copy of the weights, no second engine
@@ -132,7 +125,7 @@ COMPARED = ("reward/mean", "train/loss", "train/kl", "train/grad_norm", "rollout
 
 def launch(tmp_path: Path, run: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
-           "NUM_GPUS": "2", "MASTER_PORT": str(_port()), "VENV": str(REPO / ".venv"),
+           "NUM_GPUS": "2", "MASTER_PORT": str(free_port()), "VENV": str(REPO / ".venv"),
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = ["bash", str(REPO / "launchers" / "deepspeed.sh"), *TINY, f"trainer.output_dir={tmp_path / run}",

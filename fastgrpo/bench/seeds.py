@@ -21,7 +21,7 @@ def seed_overrides(seed: int, out_dir: Path) -> list[str]:
             f"trainer.output_dir={out_dir}", f"tracking.run_name=default-seed{seed}", "trainer.progress=false"]
 
 
-def run_seed(seed: int, out_dir: Path, extra: list[str], say=print) -> dict:
+def run_seed(seed: int, out_dir: Path, extra: list[str]) -> dict:
     """One ``fastgrpo-train`` process; returns its summary.json (raises naming the log on failure)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir.parent / f"seed{seed}.log"
@@ -64,7 +64,7 @@ def default_seeds(seeds: list[int], out: Path, extra: list[str], min_gain: float
     rows = []
     for seed in seeds:
         say(f"seed {seed}: running the embedded default (log: {out / f'seed{seed}.log'}) ...")
-        s = run_seed(seed, out / f"seed{seed}", extra, say)
+        s = run_seed(seed, out / f"seed{seed}", extra)
         rows.append(seed_row(seed, s))
         r = rows[-1]
         say(f"seed {seed}: accuracy {r['before']:.3f} -> {r['after']:.3f} ({r['gain']:+.3f}) in {r['wall_s']:.0f} s")
