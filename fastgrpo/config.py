@@ -121,6 +121,10 @@ class DraftConfig:
     # Rollouts per online update (0 = every rollout, as the paper): an evenly spaced subset. GRPO's
     # G samples of a prompt share most of their text, so a fraction teaches the draft nearly as much.
     max_sequences: int = 0
+    # Online updates after every N-th GRPO step (1 = every step, as the paper). The rollouts of
+    # the steps between carry no features (no copies) and the draft's cost falls N-fold; the
+    # draft lags the policy by at most N - 1 updates.
+    update_every: int = 1
 
 
 @dataclass
@@ -312,6 +316,7 @@ MINIMUMS: dict[str, int] = {
     "algo.micro_batch_size": 1,
     "rollout.max_new_tokens": 1,
     "draft.max_sequences": 0,
+    "draft.update_every": 1,
     "rollout.top_k": 0,
     "data.max_prompt_tokens": 1,
     "data.test_size": 1,

@@ -63,7 +63,7 @@ def paired_difference(before: list[int], after: list[int]) -> tuple[float, float
 def _score(generator, backend, tokenizer, accuracy_fn, items, sampling, rng=None, repeats: int = 1) -> list[int]:
     prompts = [it.prompt_ids for it in items for _ in range(repeats)]
     with backend.generation_mode():
-        out = generator.generate(prompts, sampling, rng)
+        out = generator.generate(prompts, sampling, rng, capture_features=False)
     texts = tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
     answers = [it.answer for it in items for _ in range(repeats)]
     return [int(bool(accuracy_fn(t, a))) for t, a in zip(texts, answers)]

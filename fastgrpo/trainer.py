@@ -221,8 +221,11 @@ class GRPOTrainer:
         prompts = [it.prompt_ids for it in items for _ in range(algo.group_size)]
         answers = [it.answer for it in items for _ in range(algo.group_size)]
 
+        # The online draft learns after every draft.update_every-th step, from that step's rollouts.
+        learn_draft = self.draft_learner is not None and self.step % self.cfg.draft.update_every == 0
         with self.backend.generation_mode():
-            rollouts = self.generator.generate(prompts, self.sampling, self.sample_rng)
+            rollouts = self.generator.generate(prompts, self.sampling, self.sample_rng,
+                                               capture_features=learn_draft)
         t_gen = time.perf_counter()
         ar_s = self.budget_policy.ar_rollout_seconds(rollouts) if self.budget_policy is not None else None
         if ar_s:  # what the same rollouts would have cost as plain AR (the cost model's latency curve)
@@ -249,8 +252,8 @@ class GRPOTrainer:
 
         # The draft learns from every rollout (zero-reward ones too; or draft.max_sequences of them),
         # on the hidden states that verification already computed: no extra target pass.
-        seqs = subsample(sequences_from_rollouts(rollouts), self.cfg.draft.max_sequences) if self.draft_learner else []
-        draft_metrics = self.draft_learner.update(seqs) if self.draft_learner else {}
+        seqs = subsample(sequences_from_rollouts(rollouts), self.cfg.draft.max_sequences) if learn_draft else []
+        draft_metrics = self.draft_learner.update(seqs) if learn_draft else {}
         if self.budget_policy is not None:  # the cost model's calibration (predicted / measured time)
             draft_metrics = {**draft_metrics, **self.budget_policy.pop_metrics()}
         draft_metrics = self.placement.from_lead(draft_metrics)

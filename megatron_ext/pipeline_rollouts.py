@@ -173,14 +173,15 @@ class PipelineRolloutEngine:
     def capture_features(self) -> bool:
         return bool(self.engine is not None and self.engine.capture_features)
 
-    def generate(self, prompts: list[list[int]], params, rng: torch.Generator | None = None) -> Rollouts:
+    def generate(self, prompts: list[list[int]], params, rng: torch.Generator | None = None,
+                 capture_features: bool | None = None) -> Rollouts:
         if self.engine is None:
             out = follow_last_stage(self.runner_factory, self.channel)
             if isinstance(out, _LeadFailed):
                 raise RuntimeError(f"the last pipeline stage failed during generation: {out}")
             return out
         try:
-            rollouts = self.engine.generate(prompts, params, rng)
+            rollouts = self.engine.generate(prompts, params, rng, capture_features)
         except BaseException as e:
             with contextlib.suppress(Exception):  # tell the followers; the original error wins
                 self.channel.share(_LeadFailed(f"{type(e).__name__}: {e}"))

@@ -107,15 +107,19 @@ class RolloutEngine:
         return getattr(self.mode, "controller", None)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, rng: torch.Generator | None = None) -> Rollouts:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, rng: torch.Generator | None = None,
+                 capture_features: bool | None = None) -> Rollouts:
+        """``capture_features`` overrides the engine's default for this call (the trainer skips the
+        copies on steps whose rollouts no draft update reads)."""
         t_start = time.perf_counter()
+        capture = self.capture_features if capture_features is None else capture_features
         n = len(prompts)
         if n == 0:
             self.mode.wait_for_peers()
             return Rollouts([], [], [], [], wall_time_s=0.0)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: every prompt needs at least one token")
-        acc = _Accumulator(n, params, self.capture_features)
+        acc = _Accumulator(n, params, capture)
         max_len = max(len(p) for p in prompts) + params.max_new_tokens + self.mode.tree_slack
         runner = self.runner_factory(n, max_len)
         steps: list[StepStats] = []
@@ -124,7 +128,7 @@ class RolloutEngine:
             draws = PositionUniforms(n, params.max_new_tokens, rng)
             first, first_lp, _ = sample(logits, params, draws)
             self.mode.on_prefill(prompts, hidden, first, max_len)
-            if self.capture_features:
+            if capture:
                 for i, p in enumerate(prompts):
                     acc.features[i].append(hidden[i, : len(p)].cpu())
             live = torch.arange(n)  # original row index of each runner row
