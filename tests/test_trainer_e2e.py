@@ -372,3 +372,25 @@ def test_cost_model_resume_reproduces_rollouts_and_draft(tmp_path):
     seen = saved["acceptance"]["tot"].sum() - prior
     assert seen > 0  # verified nodes were counted before the checkpoint
     assert resumed.budget_policy.acceptance.tot.sum() > saved["acceptance"]["tot"].sum()
+
+
+def test_draft_update_every_thins_updates_and_feature_capture(tmp_path):
+    """draft.update_every=2: the draft learns after steps 1 and 3 only (from those steps'
+    rollouts); the other steps capture no features and run no draft update."""
+    trainer, _ = run_trainer(tmp_path, *SPEC, "draft.update_every=2", "checkpoint.every=0")
+    hist = step_metrics(trainer.history)
+    assert sorted(s for s, h in hist.items() if "draft/loss" in h) == [1, 3]
+    assert all(hist[s]["draft/tokens"] > 0 for s in (1, 3))
+    calls = []
+    generate = trainer.generator.generate
+
+    def spy(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        calls.append(out.features is not None)
+        return out
+
+    trainer.generator.generate = spy
+    trainer.train_step()  # self.step == 4: an update step
+    trainer.step += 1
+    trainer.train_step()
+    assert calls == [True, False]
