@@ -140,6 +140,10 @@ ARCH_PRESETS: dict[str, Arch] = {
         Arch("llama3.1-8b", 32, 4096, 14336, 32, 8, 128256, False, source="Llama-3.1-8B config.json"),
         # Qwen/Qwen2.5-7B(-Instruct): 3584 / 18944 / 28 layers / 28 heads / 4 kv / 152064, untied, qkv bias.
         Arch("qwen2.5-7b", 28, 3584, 18944, 28, 4, 152064, False, qkv_bias=True, source="Qwen2.5-7B config.json"),
+        # Qwen/Qwen3-8B: 4096 / 12288 / 36 layers / 32 heads / 8 kv / 151936, head_dim 128, untied,
+        # per-head q/k RMSNorm, no biases.
+        Arch("qwen3-8b", 36, 4096, 12288, 32, 8, 151936, False, head_dim=128, qk_norm=True,
+             source="Qwen3-8B config.json"),
         # Draft-sized LMs for draft=lm. Qwen/Qwen2.5-0.5B: 896 / 4864 / 24 / 14 / 2 / 151936, tied.
         Arch("qwen2.5-0.5b", 24, 896, 4864, 14, 2, 151936, True, qkv_bias=True, source="Qwen2.5-0.5B config.json"),
         # meta-llama/Llama-3.2-1B: 2048 / 8192 / 16 layers / 32 heads / 8 kv / 128256, head_dim 64, tied.

@@ -1,4 +1,4 @@
-"""HF Llama / Qwen2 state dict <-> megatron-core GPTModel (local spec) shards, for any TP x PP.
+"""HF Llama / Qwen2 / Qwen3 state dict <-> megatron-core GPTModel (local spec) shards, for any TP x PP.
 
 Megatron layouts that differ from HF (all per TP rank = a contiguous chunk of the full fused tensor):
 - ``linear_qkv``: one fused projection, grouped per key/value head: for each query group
@@ -10,9 +10,11 @@ Megatron layouts that differ from HF (all per TP rank = a contiguous chunk of th
   along the vocab. Tied models keep a copy of the embedding as ``output_layer.weight`` on the last
   stage when PP > 1 (megatron all-reduces its grads with the first stage's); with PP == 1 there is
   no ``output_layer.weight`` at all.
+- Qwen3's per-head ``self_attn.q_norm`` / ``k_norm`` ([head_dim]) are megatron's
+  ``self_attention.q_layernorm`` / ``k_layernorm``, replicated on every TP rank like the other norms.
 - Layers are numbered locally per stage: ``decoder.layers.{i}`` is global layer ``first_layer + i``.
 
-The HF side uses the names of ``LlamaForCausalLM`` / ``Qwen2ForCausalLM.state_dict()``; a tied
+The HF side uses the names of ``{Llama,Qwen2,Qwen3}ForCausalLM.state_dict()``; a tied
 model's ``lm_head.weight`` is ignored on the way in and emitted as the embedding tensor on the way
 out (as HF's own ``state_dict()`` does).
 """
@@ -30,8 +32,15 @@ _EMBED, _NORM, _LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_
 # megatron local-layer suffix -> HF layer suffix, for tensors that are only split (or replicated).
 _NORMS = {"input_layernorm.weight": "input_layernorm.weight",
           "pre_mlp_layernorm.weight": "post_attention_layernorm.weight"}
+_QK_NORMS = {"self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+             "self_attention.k_layernorm.weight": "self_attn.k_norm.weight"}
 _ROW_PARALLEL = {"self_attention.linear_proj.weight": "self_attn.o_proj.weight",
                  "mlp.linear_fc2.weight": "mlp.down_proj.weight"}
+
+
+def _norms(arch: GPTArch) -> dict[str, str]:
+    """The replicated norm weights of a layer: megatron suffix -> HF suffix."""
+    return {**_NORMS, **_QK_NORMS} if arch.qk_norm else _NORMS
 
 
 def _pad_vocab(weight: Tensor, padded: int) -> Tensor:
@@ -67,7 +76,7 @@ def hf_to_megatron_shard(hf: Mapping[str, Tensor], arch: GPTArch, layout: ShardL
         out["embedding.word_embeddings.weight"] = chunk(_pad_vocab(hf[_EMBED], layout.padded_vocab_size))
     for i in range(layout.num_local_layers):
         src, dst = f"model.layers.{layout.first_layer + i}.", f"decoder.layers.{i}."
-        for m_name, h_name in _NORMS.items():
+        for m_name, h_name in _norms(arch).items():
             out[dst + m_name] = hf[src + h_name].clone()
         for m_name, h_name in _ROW_PARALLEL.items():
             out[dst + m_name] = chunk(hf[src + h_name], dim=1)
@@ -103,7 +112,7 @@ def megatron_shards_to_hf(shards: Mapping[tuple[int, int], Mapping[str, Tensor]]
         layout = ShardLayout.for_rank(arch, 0, tp_size, p, pp_size, vocab_divisible_by)
         for i in range(layout.num_local_layers):
             src, dst = f"decoder.layers.{i}.", f"model.layers.{layout.first_layer + i}."
-            for m_name, h_name in _NORMS.items():
+            for m_name, h_name in _norms(arch).items():
                 hf[dst + h_name] = shards[0, p][src + m_name].clone()
             for m_name, h_name in _ROW_PARALLEL.items():
                 hf[dst + h_name] = cat(p, src + m_name, dim=1)

@@ -1,4 +1,5 @@
-"""A megatron-core GPTModel (local, non-Transformer-Engine spec) built from an HF Llama / Qwen2 config.
+"""A megatron-core GPTModel (local, non-Transformer-Engine spec) built from an HF Llama / Qwen2 / Qwen3
+config (dense models only: mixture-of-experts families are refused).
 
 ``GPTArch`` is the architecture read (and validated) from the HF config; ``ShardLayout`` is one
 (TP rank, PP rank) shard of it; ``build_gpt_model`` builds this rank's stage. The conversion in
@@ -12,7 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# Config attributes that give a model routed experts (Qwen2/3-MoE: num_experts, Mixtral:
+# num_local_experts, DeepSeek: n_routed_experts); any of them > 0 is refused.
+MOE_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts")
 # RoPE variants whose cos/sin are position * inv_freq with no extra attention scaling: megatron's
 # RotaryEmbedding reproduces them exactly once it holds the checkpoint's inv_freq.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -20,7 +24,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 @dataclass(frozen=True)
 class GPTArch:
-    """The architecture of a Llama / Qwen2 checkpoint, in the terms megatron-core uses."""
+    """The architecture of a Llama / Qwen2 / Qwen3 checkpoint, in the terms megatron-core uses."""
 
     model_type: str
     vocab_size: int  # the checkpoint's (unpadded) vocabulary
@@ -36,25 +40,14 @@ class GPTArch:
     max_position_embeddings: int
     rope_type: str
     rope_theta: float
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each q and k head, before RoPE
 
     @classmethod
     def from_hf(cls, hf_config) -> GPTArch:
-        """Validate ``hf_config`` (a transformers LlamaConfig / Qwen2Config) and read its shape.
+        """Validate ``hf_config`` (a transformers Llama / Qwen2 / Qwen3 config) and read its shape.
         Raises ValueError for anything the megatron model would silently get wrong."""
         model_type = getattr(hf_config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"megatron backend supports model_type {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
-        if hf_config.hidden_act != "silu":
-            raise ValueError(f"only SwiGLU (hidden_act='silu') is supported, got {hf_config.hidden_act!r}")
-        if model_type == "llama":
-            if getattr(hf_config, "attention_bias", False):
-                # Llama's attention_bias also puts a bias on o_proj, which add_qkv_bias does not cover.
-                raise ValueError("Llama attention_bias=True is not supported")
-            qkv_bias = False
-        else:
-            qkv_bias = True  # Qwen2: q/k/v always carry a bias, o_proj never does
-            if getattr(hf_config, "use_sliding_window", False):
-                raise ValueError("Qwen2 use_sliding_window=True is not supported")
+        qkv_bias = _check_family(hf_config, model_type)
         if getattr(hf_config, "mlp_bias", False):
             raise ValueError("mlp_bias=True is not supported")
         heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads or hf_config.num_attention_heads
@@ -84,6 +77,7 @@ class GPTArch:
             max_position_embeddings=hf_config.max_position_embeddings,
             rope_type=rope_type,
             rope_theta=float(rope["rope_theta"]),
+            qk_norm=model_type == "qwen3",
         )
 
     def padded_vocab_size(self, tp_size: int, divisible_by: int = 128) -> int:
@@ -91,6 +85,32 @@ class GPTArch:
         an equal, aligned slice. The extra rows are zeros; their logits must be stripped."""
         multiple = divisible_by * tp_size
         return -(-self.vocab_size // multiple) * multiple
+
+
+def _check_family(hf_config, model_type) -> bool:
+    """Refuse what the megatron model cannot build exactly (mixture-of-experts, other families,
+    sliding-window attention, biases beyond Qwen2's q/k/v); returns whether q/k/v carry a bias."""
+    experts = {a: getattr(hf_config, a, None) for a in MOE_ATTRIBUTES}
+    experts = {a: n for a, n in experts.items() if isinstance(n, int) and n > 0}
+    if experts or "moe" in str(model_type) or model_type == "mixtral":
+        raise ValueError(f"model_type {model_type!r} is a mixture-of-experts model ({experts or 'MoE'}): the "
+                         f"megatron backend supports dense {SUPPORTED_MODEL_TYPES} models only")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"megatron backend supports model_type {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+    if hf_config.hidden_act != "silu":
+        raise ValueError(f"only SwiGLU (hidden_act='silu') is supported, got {hf_config.hidden_act!r}")
+    if model_type == "qwen2":
+        if getattr(hf_config, "use_sliding_window", False):
+            raise ValueError("Qwen2 use_sliding_window=True is not supported")
+        return True  # Qwen2: q/k/v always carry a bias, o_proj never does
+    if getattr(hf_config, "attention_bias", False):
+        # Llama's / Qwen3's attention_bias also puts a bias on o_proj, which add_qkv_bias does not cover.
+        raise ValueError(f"{model_type} attention_bias=True is not supported")
+    sliding = [t for t in getattr(hf_config, "layer_types", None) or () if t != "full_attention"]
+    if model_type == "qwen3" and (getattr(hf_config, "use_sliding_window", False) or sliding):
+        raise ValueError(f"Qwen3 sliding-window attention (use_sliding_window=True, layer types "
+                         f"{sorted(set(sliding))}) is not supported by the megatron backend")
+    return False
 
 
 def rope_inv_freq(hf_config) -> torch.Tensor:
@@ -157,7 +177,8 @@ class ShardLayout:
 def transformer_config(arch: GPTArch, layout: ShardLayout, params_dtype: torch.dtype = torch.float32,
                        **overrides):
     """The megatron TransformerConfig for ``arch``: RMSNorm, SwiGLU, GQA, no biases except Qwen2's qkv,
-    no dropout. ``overrides`` go straight to TransformerConfig (e.g. recompute settings)."""
+    Qwen3's per-head q/k RMSNorm (``qk_layernorm``), no dropout. ``overrides`` go straight to
+    TransformerConfig (e.g. recompute settings)."""
     from megatron.core.transformer import TransformerConfig
 
     kwargs = {
@@ -173,6 +194,8 @@ def transformer_config(arch: GPTArch, layout: ShardLayout, params_dtype: torch.d
         "activation_func": F.silu,
         "add_bias_linear": False,
         "add_qkv_bias": arch.qkv_bias,
+        # Also makes finalize_model_grads sum the replicated q/k norm weights' grads over TP.
+        "qk_layernorm": arch.qk_norm,
         "hidden_dropout": 0.0,
         "attention_dropout": 0.0,
         "tensor_model_parallel_size": layout.tp_size,
@@ -213,7 +236,7 @@ def build_gpt_model(hf_config, params_dtype: torch.dtype = torch.float32, vocab_
     config = transformer_config(arch, layout, params_dtype, **config_overrides)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm),
         vocab_size=layout.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=layout.pre_process,

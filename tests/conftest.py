@@ -47,6 +47,25 @@ def make_tiny_qwen2(vocab: int = 24, seed: int = 0, attn: str = "sdpa", layers: 
     return model
 
 
+def make_tiny_qwen3(vocab: int = 24, seed: int = 0, attn: str = "sdpa", layers: int = 2, tied: bool = True,
+                    head_dim: int = 24):
+    """A tiny Qwen3 (per-head q/k RMSNorm, no biases); head_dim 24 != hidden / heads = 16 by
+    default. The q/k norm weights are randomized so that a dropped or swapped norm shows."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=512,
+                      tie_word_embeddings=tied, attn_implementation=attn)
+    model = Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(3.0)
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    return model
+
+
 def perturbed_model():
     """The tiny policy moved away from its KL reference (make_tiny_qwen2()), so that the KL term
     is non-zero and has a gradient."""

@@ -43,9 +43,9 @@ def _algo(updates: int) -> AlgoConfig:
                       clip_eps_high=0.2)
 
 
-def _policy():
+def _policy(make=make_tiny_qwen2):
     """The reference model (tests/conftest) plus a fixed perturbation: KL > 0 from the first token."""
-    model = make_tiny_qwen2(vocab=VOCAB)
+    model = make(vocab=VOCAB)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for p in model.parameters():
@@ -137,10 +137,10 @@ def _worker(rank: int, world: int, port: int, ref_dir: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
-def _torch_expected(ref_dir, updates: int) -> dict:
+def _torch_expected(ref_dir, updates: int, make=make_tiny_qwen2) -> dict:
     from fastgrpo.backends.torch_backend import TorchBackend
 
-    model = _policy()
+    model = _policy(make)
     be = TorchBackend(model, None, _algo(updates), OPTIM, total_steps=10, temperature=TEMPERATURE)
     be.load_reference(ref_dir)
     (b1, b2), sft = _batches()

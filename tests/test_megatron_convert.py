@@ -1,6 +1,7 @@
-"""megatron_ext: HF Llama / Qwen2 <-> megatron-core GPTModel conversion.
+"""megatron_ext: HF Llama / Qwen2 / Qwen3 <-> megatron-core GPTModel conversion.
 
-Tiny fp32 models (hidden 64, 4 heads, 2 kv heads, 4 layers, vocab 50: padded to 128 * TP) run on
+Tiny fp32 models (hidden 64, 4 heads, 2 kv heads, 4 layers, vocab 50: padded to 128 * TP; the Qwen3
+has q/k norms and head_dim 24 != 64 / 4) run on
 real gloo groups under megatron's own pipeline schedule (forward_only). Their logits (gathered
 over TP, padding stripped) must equal HF's eager logits within LOGITS_TOL at TP=1, TP=2, PP=2 and
 TP2xPP2, and HF -> megatron shards -> HF must be bit-exact.
@@ -21,11 +22,11 @@ VOCAB, SEQ, MICRO_BATCH, N_MICRO = 50, 24, 2, 2
 # fp32 logits up to ~11 in magnitude. TP=1 is bit-identical to HF eager here; TP splits only reorder
 # the row-parallel sums (~1e-6). A wrong rope frequency or a swapped head moves logits by >1e-3.
 LOGITS_TOL = {"atol": 1e-5, "rtol": 0.0}
-KINDS = ("llama", "qwen2")
+KINDS = ("llama", "qwen2", "qwen3")
 
 
 def hf_config(kind: str):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     shape = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
@@ -33,8 +34,11 @@ def hf_config(kind: str):
         cfg = LlamaConfig(**shape, tie_word_embeddings=False, rms_norm_eps=1e-5, rope_scaling={
             "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
-    else:  # tied, qkv bias, default rope
+    elif kind == "qwen2":  # tied, qkv bias, default rope
         cfg = Qwen2Config(**shape, tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1000000.0)
+    else:  # untied, per-head q/k RMSNorm, no bias, head_dim 24 != hidden / heads
+        cfg = Qwen3Config(**shape, head_dim=24, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                          rope_theta=1000000.0)
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -42,17 +46,18 @@ def hf_config(kind: str):
 def hf_model(kind: str):
     """Deterministic across processes. Norm weights and biases are randomized (a swapped norm or a
     dropped bias must show) and embeddings sharpened so logits are far from uniform."""
-    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
     torch.manual_seed(1234)
-    model = (LlamaForCausalLM if kind == "llama" else Qwen2ForCausalLM)(hf_config(kind)).eval()
+    cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}[kind]
+    model = cls(hf_config(kind)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.5 * torch.randn_like(p))
-        if kind == "llama":
+        if kind != "qwen2":  # untied
             model.model.embed_tokens.weight.mul_(20.0)
             model.lm_head.weight.mul_(20.0)
         else:  # tied: a larger scale makes each token's own embedding win (one-hot softmax)
@@ -68,23 +73,31 @@ def tokens() -> torch.Tensor:
 # ------------------------------------------------------------------ pure conversion (in-process)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_round_trip_is_bit_exact_for_many_layouts(kind):
-    model = hf_model(kind)
+# TP=4 > 2 kv heads: a rank holds half a query group; PP=4: one layer per stage.
+ROUND_TRIP_LAYOUTS = [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4), (2, 2), (4, 2)]
+
+
+def assert_round_trip(model, layouts=ROUND_TRIP_LAYOUTS) -> None:
+    """HF -> megatron shards -> HF is bit-exact for every (TP, PP) of ``layouts``."""
     arch = GPTArch.from_hf(model.config)
     sd = model.state_dict()
-    # TP=4 > 2 kv heads: a rank holds half a query group; PP=4: one layer per stage.
-    for tp, pp in [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4), (2, 2), (4, 2)]:
+    for tp, pp in layouts:
         shards = {(t, p): hf_to_megatron_shard(sd, arch, ShardLayout.for_rank(arch, t, tp, p, pp))
                   for t in range(tp) for p in range(pp)}
         emb = shards[0, 0]["embedding.word_embeddings.weight"]
-        assert emb.shape[0] * tp == 128 * tp  # 50 padded to a multiple of 128 * TP
-        assert all(f"decoder.layers.{4 // pp - 1}.mlp.linear_fc1.weight" in s for s in shards.values())
+        assert emb.shape[0] * tp == arch.padded_vocab_size(tp)  # padded to a multiple of 128 * TP
+        last = f"decoder.layers.{arch.num_layers // pp - 1}.mlp.linear_fc1.weight"
+        assert all(last in s for s in shards.values())
         assert ("output_layer.weight" in shards[0, pp - 1]) == (not arch.tied_embeddings or pp > 1)
         back = megatron_shards_to_hf(shards, arch, tp, pp)
         assert set(back) == set(sd)
         for name, value in sd.items():
             assert torch.equal(back[name], value), (tp, pp, name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip_is_bit_exact_for_many_layouts(kind):
+    assert_round_trip(hf_model(kind))
 
 
 def test_fused_layouts_match_megatron_conventions():

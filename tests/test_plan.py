@@ -36,7 +36,7 @@ def tensor_bytes(ts) -> int:
 
 
 @pytest.mark.parametrize("name, billions", [("llama3-70b", 70.55), ("llama3.1-8b", 8.03), ("qwen2.5-7b", 7.62),
-                                            ("qwen2.5-0.5b", 0.494), ("llama3.2-1b", 1.236)])
+                                            ("qwen2.5-0.5b", 0.494), ("llama3.2-1b", 1.236), ("qwen3-8b", 8.19)])
 def test_preset_parameter_counts(name, billions):
     assert ARCH_PRESETS[name].total_params() / 1e9 == pytest.approx(billions, rel=5e-3)
 
@@ -251,3 +251,22 @@ def test_70b_experiment_configs_compose(pp):
     assert (cfg.algo.prompts_per_step, cfg.algo.group_size, cfg.rollout.max_new_tokens) == (32, 8, 3072)
     assert cfg.rollout.mode == "fastgrpo" and cfg.draft.kind == "eagle" and not cfg.warmup.enabled
     assert cfg.data.max_prompt_tokens == 1024
+
+
+def test_qwen3_8b_preset_config_json_and_hydra_model(tmp_path, capsys):
+    from fastgrpo.cli.plan import main
+
+    h, f, v, d = 4096, 12288, 151936, 128
+    layer = 2 * h * 32 * d + 2 * h * 8 * d + 3 * h * f + 2 * h + 2 * d  # q, o, k, v, MLP, 2 norms, q/k norms
+    q3 = ARCH_PRESETS["qwen3-8b"]
+    assert q3.qk_norm and not q3.qkv_bias and q3.total_params() == 36 * layer + 2 * v * h + h == 8_190_735_360
+    cfg = {"model_type": "qwen3", "hidden_size": h, "intermediate_size": f, "num_hidden_layers": 36,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": d, "vocab_size": v,
+           "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_arch(str(tmp_path)).total_params() == q3.total_params()
+    # configs/model/qwen3-8b.yaml's folder is absent here: the group name picks the preset.
+    assert main(["model=qwen3-8b", "backend=megatron", "backend.megatron.tensor_parallel=8", "--gpu", "h100",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is True and "TP=8" in out["layout"]
