@@ -158,6 +158,21 @@ def test_preset_init_deterministic_and_leaves_global_rng(tiny, tok):
     )
 
 
+def test_tiny_qwen3_preset_is_a_qwen3_the_megatron_backend_builds(tok):
+    from transformers import Qwen3ForCausalLM
+
+    from megatron_ext.model import GPTArch
+
+    model = build_preset_model("tiny-qwen3", tok, seed=0)
+    assert isinstance(model, Qwen3ForCausalLM) and model.config.head_dim == 32 != 256 // 4
+    assert "model.layers.0.self_attn.q_norm.weight" in model.state_dict()
+    assert "model.layers.0.self_attn.q_proj.bias" not in model.state_dict()
+    arch = GPTArch.from_hf(model.config)
+    assert arch.qk_norm and arch.tied_embeddings and not arch.qkv_bias
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
 def test_preset_unknown():
     with pytest.raises(ValueError, match="tiny"):
         preset_config("huge", build_word_tokenizer(["a"]))

@@ -212,12 +212,13 @@ def build_preset_model(name: str, tokenizer: Any, seed: int, attn_implementation
 
     The global torch RNG is left untouched.
     """
-    from transformers import Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM, Qwen3ForCausalLM
 
     config = preset_config(name, tokenizer, attn_implementation=attn_implementation)
+    model_class = {"qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}[config.model_type]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        model = Qwen2ForCausalLM(config)
+        model = model_class(config)
     return model
 
 
