@@ -15,7 +15,7 @@ from fastgrpo.evaluation import EvalResult, binomial_se, paired_difference, pass
 from fastgrpo.plots import ema, plot_training_curves, series, smoothing_span
 from fastgrpo.report import build_summary, format_summary, rollout_vs_ar, speculative_summary, write_summary
 from fastgrpo.rollout.base import Rollouts, StepStats
-from fastgrpo.rollout.cost_model import LatencyCurve, ar_rollout_seconds
+from fastgrpo.rollout.cost_model import LatencyCurve, ar_rollout_seconds, ceiling_speedup, live_rows
 
 
 def test_ema_matches_the_adjusted_definition():
@@ -73,6 +73,18 @@ def test_paired_se_is_below_the_unpaired_one_when_problems_stay_hard():
 def _rollouts(lengths, steps, wall):
     return Rollouts(prompt_ids=[[1]] * len(lengths), response_ids=[[7] * n for n in lengths],
                     logprobs=[], finish_reasons=["stop"] * len(lengths), steps=steps, wall_time_s=wall)
+
+
+def test_ceiling_prices_each_step_at_the_best_measured_arm():
+    lengths = [1, 3, 3, 5]
+    assert live_rows(lengths) == [3, 3, 1, 1]
+    # Bucket 0 (1 row): AR 100 tok/s, a tree 300; bucket 1 (2-3 rows): AR 200, trees 150 and 250.
+    rates = {0: [100.0, 300.0, None], 1: [200.0, 150.0, 250.0]}
+    r = _rollouts(lengths, [], wall=1.0)
+    ar = 3 / 200 + 3 / 200 + 1 / 100 + 1 / 100
+    best = 3 / 250 + 3 / 250 + 1 / 300 + 1 / 300
+    assert ceiling_speedup(r, rates) == pytest.approx(ar / best)
+    assert ceiling_speedup(r, {0: [100.0, 300.0]}) is None  # bucket 1 never measured AR
 
 
 def test_ar_rollout_seconds_prices_every_ar_step():

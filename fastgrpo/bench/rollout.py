@@ -71,6 +71,9 @@ def _measure(gen, prompts, params, seed: int) -> dict:
            "draft_ms_per_spec_step": 1e3 * sum(s.draft_time_s for s in spec) / n_spec,
            "verify_ms_per_spec_step": 1e3 * sum(s.verify_time_s for s in spec) / n_spec,
            "ms_per_step": 1e3 * sum(s.draft_time_s + s.verify_time_s for s in steps) / max(len(steps), 1)}
+    ceiling = policy.ceiling_speedup(out) if hasattr(policy, "ceiling_speedup") else None
+    if ceiling is not None:  # every step on the arm that measured best at its concurrency
+        res["ceiling_vs_ar"] = ceiling
     hist = getattr(policy, "history", [])[hist0:]
     if hist:  # the cost model's own prediction of this rollout's verification time
         res["verify_predicted_over_measured"] = (sum(h["predicted_verify_s"] for h in hist)
@@ -149,7 +152,9 @@ def compare_modes(model, draft, prompts, params, c_peak: int, repeats: int = 3, 
 
 def _line(res: dict) -> str:
     return "  ".join(f"{m} {r['tokens_per_s']:.0f} tok/s ({r['speedup_vs_ar']:.2f}x"
-                     + (f", acc {r['mean_accepted_len']:.2f}, T {r['mean_tree_size']:.1f})" if m in SPECULATIVE else ")")
+                     + (f", acc {r['mean_accepted_len']:.2f}, T {r['mean_tree_size']:.1f}"
+                        + (f", ceiling {r['ceiling_vs_ar']:.2f}x" if r.get("ceiling_vs_ar") else "") + ")"
+                        if m in SPECULATIVE else ")")
                      for m, r in res.items())
 
 

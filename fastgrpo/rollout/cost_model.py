@@ -354,6 +354,11 @@ class CostModelPolicy:
         latency curve has a point."""
         return ar_rollout_seconds(rollouts, self.target) if self.target.known else None
 
+    def ceiling_speedup(self, rollouts) -> float | None:
+        """The speedup over AR had every step played the arm with the best measured rate at its
+        concurrency (``ceiling_speedup``); None until AR has a measured rate."""
+        return ceiling_speedup(rollouts, self.rates)
+
     def state_dict(self) -> dict:
         return {"target": self.target.state_dict(), "draft": self.draft.state_dict(),
                 "acceptance": self.acceptance.state_dict(),
@@ -373,9 +378,32 @@ def ar_rollout_seconds(rollouts, target: LatencyCurve) -> float:
     the first, over the rows still generating at that position (B_t = responses longer than t),
     each priced by the latency curve at B_t tokens. Equal to the measured time, within the curve's
     error, for a rollout that ran AR."""
-    lengths = sorted(len(r) for r in rollouts.response_ids)
-    longest = lengths[-1] if lengths else 0
-    live = [len(lengths) - bisect.bisect_right(lengths, t) for t in range(1, longest)]
+    live = live_rows([len(r) for r in rollouts.response_ids])
     in_steps = sum(s.draft_time_s + s.verify_time_s for s in rollouts.steps)
     outside = max(rollouts.wall_time_s - in_steps, 0.0)
     return outside + sum(target.predict_many([float(b) for b in live]))
+
+
+def live_rows(lengths: list[int]) -> list[int]:
+    """Rows still generating at each response position after the first (B_t = responses longer
+    than t): an AR rollout's concurrency, one engine step per entry."""
+    lengths = sorted(lengths)
+    longest = lengths[-1] if lengths else 0
+    return [len(lengths) - bisect.bisect_right(lengths, t) for t in range(1, longest)]
+
+
+def ceiling_speedup(rollouts, rates: dict[int, list[float | None]]) -> float | None:
+    """The cost model's ceiling on ``rollouts``: the rollout's decoding time as plain AR over its
+    time had every step played the best arm, both priced at the *measured* tokens per second of
+    each arm in the step's concurrency bucket (``CostModelPolicy.rates``: AR and every draft
+    shape, at the acceptance the draft really had). Each AR step's B_t tokens cost B_t / rate;
+    the time outside the decoding steps (prefill, bookkeeping) is the same in both and is left
+    out, so this bounds the decoding steps' speedup. None when a bucket has no AR rate."""
+    ar = best = 0.0
+    for b in live_rows([len(r) for r in rollouts.response_ids]):
+        row = rates.get(int(math.log2(b)))
+        if not row or not row[0]:
+            return None
+        ar += b / row[0]
+        best += b / max(r for r in row if r is not None)
+    return ar / best if best > 0 else None
