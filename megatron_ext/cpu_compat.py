@@ -1,8 +1,9 @@
 """FOR TESTS AND CPU-ONLY RUNS: make megatron-core 0.16.1 run on a CPU-only torch build with gloo.
 
 Never apply this in a GPU run: it monkeypatches megatron-core (and ``torch.cuda.current_device``)
-process-wide (it refuses when a GPU is visible). ``megatron_ext.train.MegatronPolicy`` applies it
-itself when no GPU is visible, so ``fastgrpo-train backend=megatron`` runs on CPU (CI, smoke runs).
+process-wide (it refuses when a GPU is visible). Nothing applies it implicitly: tests call
+``enable_cpu_for_tests()``, and ``fastgrpo-train backend=megatron`` on a CPU-only machine refuses
+to start unless ``FASTGRPO_MEGATRON_CPU=1`` asks for it (``megatron_ext.train.apply_cpu_compat_if_asked``).
 ``enable_cpu_for_tests()`` applies these patches, idempotently:
 
 1. ``torch.cuda.current_device()`` returns ``torch.device("cpu")``: megatron passes it as the
@@ -104,6 +105,10 @@ class _TorchWithCpuDevice:
 
     def __getattr__(self, name):
         return getattr(torch, name)
+
+
+def is_enabled() -> bool:
+    return _enabled
 
 
 def enable_cpu_for_tests() -> None:

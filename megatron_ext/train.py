@@ -28,6 +28,28 @@ from megatron_ext.model import activation_recompute, build_gpt_model
 LossFn = Callable[[int, Tensor], tuple[Tensor, int]]
 
 
+CPU_COMPAT_ENV = "FASTGRPO_MEGATRON_CPU"
+
+
+def apply_cpu_compat_if_asked() -> None:
+    """megatron-core 0.16 does not run on a CPU-only torch without ``megatron_ext.cpu_compat``'s
+    process-wide patches, so a CPU run must ask for them explicitly (``FASTGRPO_MEGATRON_CPU=1``:
+    the tests, a CPU smoke run); production code never applies them on its own. A test process
+    that applied them itself (``cpu_compat.enable_cpu_for_tests``) passes."""
+    from megatron_ext import cpu_compat
+
+    if cpu_compat.is_enabled():
+        return
+    if os.environ.get(CPU_COMPAT_ENV, "").strip() != "1":
+        from fastgrpo.config import ConfigError
+
+        raise ConfigError(
+            f"backend=megatron needs a CUDA GPU and none is visible. For a CPU smoke run set "
+            f"{CPU_COMPAT_ENV}=1: it applies megatron_ext/cpu_compat.py's process-wide patches to torch "
+            f"and megatron-core (meant for tests and CPU trials, refused when a GPU is visible).")
+    cpu_compat.enable_cpu_for_tests()
+
+
 def ensure_process_group() -> None:
     """Megatron needs torch.distributed even for one process: a 1-rank group on a free port."""
     if dist.is_initialized():
@@ -114,11 +136,7 @@ class MegatronPolicy:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         if not torch.cuda.is_available():
-            # megatron-core 0.16 does not run on a CPU-only torch without these patches (the tests,
-            # CPU smoke runs); they refuse to apply when a GPU is visible.
-            from megatron_ext.cpu_compat import enable_cpu_for_tests
-
-            enable_cpu_for_tests()
+            apply_cpu_compat_if_asked()
         init_parallel(tensor_parallel, pipeline_parallel)
         self.ps = ps
         self.dtype = resolve_dtype(precision)

@@ -245,7 +245,8 @@ def test_fastgrpo_train_backend_megatron_under_torchrun(tmp_path):
            "checkpoint.every=2", "trainer.progress=false", f"trainer.output_dir={tmp_path / 'run'}",
            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_location={tmp_path / 'art'}",
            f"model.preset_cache_dir={tmp_path / 'presets'}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "FASTGRPO_MEGATRON_CPU": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
@@ -253,3 +254,21 @@ def test_fastgrpo_train_backend_megatron_under_torchrun(tmp_path):
     assert summary["steps"] == 2 and summary["rollout_mode"] == "fastgrpo"
     shards = sorted(p.name for p in (tmp_path / "run").rglob("megatron_tp*_pp0_dp0.pt"))
     assert shards == ["megatron_tp0_pp0_dp0.pt", "megatron_tp1_pp0_dp0.pt"], shards
+
+
+def test_megatron_on_cpu_needs_the_explicit_compat_switch(monkeypatch):
+    """The CPU patches are never applied implicitly: without FASTGRPO_MEGATRON_CPU=1 a process with
+    no GPU (and no test that applied them) is refused with the hint, before anything is patched."""
+    import torch
+
+    from fastgrpo.config import ConfigError
+    from megatron_ext import cpu_compat
+    from megatron_ext.train import apply_cpu_compat_if_asked
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the CPU compatibility layer is refused anyway")
+    monkeypatch.setattr(cpu_compat, "_enabled", False)  # as in a fresh process
+    monkeypatch.delenv("FASTGRPO_MEGATRON_CPU", raising=False)
+    with pytest.raises(ConfigError, match="FASTGRPO_MEGATRON_CPU=1"):
+        apply_cpu_compat_if_asked()
+    assert not cpu_compat.is_enabled()

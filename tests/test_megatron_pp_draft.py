@@ -209,7 +209,8 @@ def _train(tmp_path: Path, run: str, *extra: str) -> subprocess.CompletedProcess
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "fastgrpo.cli.train", *TRAIN_ARGS,
            f"trainer.output_dir={tmp_path / run}", f"model.preset_cache_dir={tmp_path / 'presets'}", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "FASTGRPO_PG_TIMEOUT_S": "120"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "FASTGRPO_MEGATRON_CPU": "1", "FASTGRPO_PG_TIMEOUT_S": "120"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
     return proc
