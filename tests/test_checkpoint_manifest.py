@@ -146,7 +146,7 @@ def test_checkpoint_without_checksums_is_accepted_with_a_warning(tmp_path, caplo
 
 
 def test_load_errors_name_the_file(tmp_path):
-    from fastgrpo.backends.torch_backend import _read_safetensors
+    from fastgrpo.backends.hf_io import read_safetensors
 
     ck = saved(tmp_path, steps=(1,)).dir / "step_00000001"
     size = (ck / STATE_FILE).stat().st_size
@@ -158,7 +158,7 @@ def test_load_errors_name_the_file(tmp_path):
     bad.mkdir()
     (bad / "model-00002-of-00002.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(CheckpointError) as info, reading(bad):
-        _read_safetensors(bad)
+        read_safetensors(bad)
     msg = str(info.value)
     assert f"cannot load {bad}" in msg and str(bad / "model-00002-of-00002.safetensors") in msg, msg
 

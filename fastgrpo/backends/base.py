@@ -8,7 +8,6 @@ layout for rollouts (``generation_mode``, the hybrid engine).
 from __future__ import annotations
 
 import contextlib
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from typing import Any
 
 import torch
 
+from fastgrpo import distributed as dist_utils
+from fastgrpo.config import AlgoConfig, OptimConfig
 from fastgrpo.rollout.base import RolloutPlacement, TargetRunner
 
 
@@ -71,29 +72,24 @@ def build_policy_batch(prompts: list[list[int]], responses: list[list[int]], pad
     return PolicyBatch(ids, attn, loss, advantages)
 
 
-def run_updates(batch: PolicyBatch, n_updates: int, old: torch.Tensor | None, ref: torch.Tensor | None,
-                update) -> tuple[dict[str, float], int]:
-    """``n_updates`` optimizer steps on consecutive row slices of ``batch``: ``update(rows, old,
-    ref)`` returns its metrics with a ``nonfinite`` flag. -> (metrics averaged over the updates,
-    number of non-finite updates)."""
-    per_update = math.ceil(batch.size / n_updates)
-    totals: dict[str, float] = {}
-    skipped = 0
-    for u in range(n_updates):
-        rows = slice(u * per_update, (u + 1) * per_update)
-        m = update(batch.rows(rows), None if old is None else old[rows], None if ref is None else ref[rows])
-        skipped += int(m.pop("nonfinite"))
-        for k, v in m.items():
-            totals[k] = totals.get(k, 0.0) + v / n_updates
-    return totals, skipped
-
-
 class PolicyBackend(ABC):
     """See DESIGN.md section 2. Implementations: ``torch`` (one process or DDP), ``deepspeed``,
     ``megatron``."""
 
     rank: int = 0
     world_size: int = 1
+
+    def __init__(self, tokenizer, algo: AlgoConfig, optim: OptimConfig, temperature: float = 1.0,
+                 max_response_len: int | None = None):
+        """The state every backend keeps: its place in the world, the tokenizer (and its pad id),
+        the algorithm and optimizer sections, and the sampling settings the update needs (the
+        rollout temperature, the generation budget for Dr. GRPO's constant length)."""
+        self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
+        self.tokenizer = tokenizer
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self.algo, self.optim_cfg = algo, optim
+        self.temperature = temperature
+        self.max_response_len = max_response_len
 
     @property
     def dp_rank(self) -> int:

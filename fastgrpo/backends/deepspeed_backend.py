@@ -1,10 +1,10 @@
 """The ``deepspeed`` PolicyBackend: ZeRO-1/2/3 data parallelism, with a hybrid generation mode.
 
-The update math is the ``torch`` backend's (same micro-batching, same global normalisers); only
-the execution differs: the DeepSpeed engine runs forward/backward with its own gradient
-partitioning and takes the step. ``generation_mode`` gathers ZeRO-3 partitions into whole
-parameters for the speculative engine (``zero3_generation.py``); under ZeRO-1/2 the weights are
-already whole on every rank and nothing is copied. DeepSpeed's own ``hybrid_engine`` is not used:
+The update math is every backend's (``backends/update.py``) with the ``torch`` backend's
+micro-batching; only the execution differs: the DeepSpeed engine runs forward/backward with its
+own gradient partitioning and takes the step. ``generation_mode`` gathers ZeRO-3 partitions into
+whole parameters for the speculative engine (``zero3_generation.py``); under ZeRO-1/2 the weights
+are already whole on every rank and nothing is copied. DeepSpeed's own ``hybrid_engine`` is not used:
 it does not run on CPU and has produced garbage generations for peers' users.
 """
 
@@ -20,15 +20,8 @@ from typing import Any
 import torch
 
 from fastgrpo import distributed as dist_utils
-from fastgrpo.backends.torch_backend import (
-    TorchBackend,
-    _read_safetensors,
-    build_scheduler,
-    prepare_policy,
-    trainable_parameters,
-    write_hf,
-    write_lora,
-)
+from fastgrpo.backends.hf_io import build_scheduler, is_tied, read_safetensors, write_hf, write_lora
+from fastgrpo.backends.torch_backend import TorchBackend, trainable_parameters
 from fastgrpo.config import AlgoConfig, DeepSpeedConfig, LoraConfig, OptimConfig
 from fastgrpo.models import lora as lora_utils
 
@@ -112,25 +105,23 @@ def reference_json(policy_cfg: dict[str, Any], ds: DeepSpeedConfig) -> dict[str,
 
 
 class DeepSpeedBackend(TorchBackend):
+    """The torch backend's update and state, executed by a DeepSpeed engine: only how the policy
+    is wrapped (``_wrap_policy``), how micro-batches accumulate and step, the reference model,
+    the generation layout and the sharded state differ."""
+
     def __init__(self, model: torch.nn.Module, tokenizer, algo: AlgoConfig, optim: OptimConfig,
                  total_steps: int, temperature: float = 1.0, max_response_len: int | None = None,
                  deepspeed_cfg: DeepSpeedConfig | None = None, lora: LoraConfig | None = None,
                  gradient_checkpointing: bool = False):
-        deepspeed = _import_deepspeed()
+        _import_deepspeed()  # before anything else can import it (it picks its accelerator then)
         self.ds_cfg = deepspeed_cfg or DeepSpeedConfig()
-        self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
-        self.tokenizer = tokenizer
-        self.algo, self.optim_cfg = algo, optim
-        self.temperature = temperature
-        self.max_response_len = max_response_len
-        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-        self.ddp = None
-        self.train_attn = model.config._attn_implementation
-        model = prepare_policy(model, lora, gradient_checkpointing)
-        self.lora = lora_utils.is_lora(model)  # the KL reference is then the model with the adapter off
-        self.save_merged = self.lora and lora.save_merged
+        super().__init__(model, tokenizer, algo, optim, total_steps, temperature, max_response_len,
+                         lora=lora, gradient_checkpointing=gradient_checkpointing)
+
+    def _wrap_policy(self, model: torch.nn.Module, optim: OptimConfig, total_steps: int) -> None:
+        deepspeed = _import_deepspeed()
         on_cuda = next(model.parameters()).device.type == "cuda"
-        self.config = deepspeed_json(self.ds_cfg, algo, optim, self.world_size, on_cuda)
+        self.config = deepspeed_json(self.ds_cfg, self.algo, optim, self.world_size, on_cuda)
         self.zero_stage = self.config["zero_optimization"]["stage"]
         if self.config["bf16"]["enabled"]:
             model.to(torch.bfloat16)
@@ -143,10 +134,7 @@ class DeepSpeedBackend(TorchBackend):
                                                                  config=self.config)
         self._model = self.engine.module
         self.device = self.engine.device
-        self.reference: torch.nn.Module | None = None
         self._reference_engine = None
-        if algo.kl_beta != 0:
-            self.reset_reference()
         self._heads: tuple[torch.nn.Module, torch.nn.Module] | None = None
         self.last_gather = None  # the GatherPlan of the latest ZeRO-3 generation_mode
 
@@ -206,7 +194,7 @@ class DeepSpeedBackend(TorchBackend):
             return
         if self._reference_engine is None:
             self._build_zero3_reference()
-        _load_zero3(self.reference, _read_safetensors(path))
+        _load_zero3(self.reference, read_safetensors(path))
 
     def _logprobs_no_grad(self, model, batch):
         # The ZeRO-3 reference runs through its engine (its hooks gather each layer on the fly).
@@ -236,10 +224,6 @@ class DeepSpeedBackend(TorchBackend):
         # A non-finite loss: its gradients are non-finite too, and DeepSpeed's step skips (and
         # clears) them on the norm. Its partitioned buffers are not ours to clear directly.
         self.engine.step()
-
-    def restore_lr(self) -> None:
-        for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            g["lr"] = lr
 
     def reset_optimizer(self) -> None:
         """Fresh Adam moments for GRPO: clear the partitioned state ZeRO keeps per rank."""
@@ -356,7 +340,7 @@ class DeepSpeedBackend(TorchBackend):
         elif self.lora:  # the adapter's partitions; the base weights are model.path's
             _load_zero3(self._model, lora_utils.read_adapter(path), trainable_only=True)
         else:
-            _load_zero3(self._model, _read_safetensors(path))
+            _load_zero3(self._model, read_safetensors(path))
 
 
 def _param_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -402,10 +386,8 @@ def _load_zero3(model: torch.nn.Module, state: dict[str, torch.Tensor], trainabl
     at once)."""
     import deepspeed
 
-    from fastgrpo.backends.torch_backend import _is_tied
-
     names = {n: p for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
-    missing = [k for k in names if k not in state and not _is_tied(model, k)]
+    missing = [k for k in names if k not in state and not is_tied(model, k)]
     unexpected = [k for k in state if k not in names]
     if missing or unexpected:
         raise ValueError(f"weights do not match the policy: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,11 +1,11 @@
 """The ``megatron`` PolicyBackend: megatron-core GPTModel under tensor x pipeline x data parallelism.
 
 A thin adapter: the engine (``megatron_ext.train.MegatronPolicy``) owns the parallel model, its
-DDP, the megatron optimizer, the schedule and the reference model; this class owns the GRPO math,
-which is the ``torch`` backend's: the same ``grpo_loss``, the same global normalisers (summed over
-the data-parallel group only: the TP/PP ranks of one replica hold the same rows), one optimizer
-step per update, the scheduler stepped once per ``train_step``. Log-probs come from the
-vocab-parallel logits (the padded vocabulary masked out), so no rank ever holds a [.., V] tensor.
+DDP, the megatron optimizer, the schedule and the reference model; the GRPO math is every
+backend's (``backends/update.py``): this class supplies megatron's pipeline schedule as the
+micro-batch runner, the data-parallel sums (the TP/PP ranks of one replica hold the same rows),
+the last stage's sums and the optimizer step. Log-probs come from the vocab-parallel logits (the
+padded vocabulary masked out), so no rank ever holds a [.., V] tensor.
 
 Every rank of the world calls every method (all are collective). ``dp_rank`` / ``dp_world`` are the
 data-parallel coordinates: the trainer gives all TP/PP ranks of one replica the same prompts.
@@ -14,30 +14,20 @@ data-parallel coordinates: the trainer gives all TP/PP ranks of one replica the 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from fastgrpo.algo import grpo_loss
-from fastgrpo.backends.base import PolicyBackend, PolicyBatch, run_updates
-from fastgrpo.backends.torch_backend import _read_safetensors, build_scheduler, write_hf
+from fastgrpo.backends.base import PolicyBackend, PolicyBatch
+from fastgrpo.backends.hf_io import build_scheduler, read_safetensors, write_hf
+from fastgrpo.backends.update import MicroLossFn, grpo_step, sft_update
 from fastgrpo.config import AlgoConfig, MegatronConfig, OptimConfig
 from fastgrpo.rollout.base import RolloutPlacement, TargetRunner
 
 SHARDS_SUBDIR = "megatron"
-_SUMS = ("loss", "pg_loss", "kl", "clip_frac", "ratio_mean", "tokens")  # accumulated on the last stage
-
-
-def _pad_rows(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
-    """``t`` with zero rows appended up to ``rows`` (zero-weight padding rows of a micro-batch)."""
-    if t is None or t.shape[0] == rows:
-        return t
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
 class MegatronBackend(PolicyBackend):
@@ -52,14 +42,9 @@ class MegatronBackend(PolicyBackend):
             self.cfg.distributed_optimizer, lr=optim.lr, weight_decay=optim.weight_decay,
             betas=tuple(optim.betas), grad_clip=optim.grad_clip, recompute_activations=gradient_checkpointing)
         self.engine.reference_offload = self.cfg.reference_offload
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        super().__init__(tokenizer, algo, optim, temperature, max_response_len)
         # The HF model keeps the config (and the initial weights: fingerprints); megatron trains.
         self._model = model
-        self.tokenizer = tokenizer
-        self.algo, self.optim_cfg = algo, optim
-        self.temperature = temperature
-        self.max_response_len = max_response_len
-        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         self.device = self.engine.device
         # The torch backend's schedule, on a stand-in parameter: the lr is copied into megatron's
         # param groups before each step. An explicit lr (the SFT warm-up) overrides it until the
@@ -105,7 +90,7 @@ class MegatronBackend(PolicyBackend):
 
     def load_reference(self, path: Path) -> None:
         if self.algo.kl_beta != 0:
-            self.engine.load_reference(_read_safetensors(path))
+            self.engine.load_reference(read_safetensors(path))
 
     # ---- updates ---------------------------------------------------------------------------
     def _lr(self) -> float:
@@ -120,95 +105,54 @@ class MegatronBackend(PolicyBackend):
             out = self.engine.logprobs(model, micro, self.temperature)
         return None if out is None else torch.cat(out)[: batch.size]
 
-    def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
-        """Last-stage sums -> the global sums on every rank."""
-        return self.engine.all_reduce_dp(self.engine.from_last_stage(sums))
+    def _policy_logprobs(self, batch: PolicyBatch) -> torch.Tensor | None:
+        return self._full_logprobs(self.engine.gpt_model, batch)
 
-    def train_step(self, batch: PolicyBatch) -> dict[str, float]:
-        batch = batch.to(self.device)
-        n_updates = max(1, self.algo.updates_per_batch)
-        # One optimizer step per rollout batch is strictly on-policy: no old log-probs pass.
-        old = self._full_logprobs(self.engine.gpt_model, batch) if n_updates > 1 else None
-        ref = self._full_logprobs(None, batch) if self.engine.reference is not None else None
-        totals, skipped = run_updates(batch, n_updates, old, ref, self._update)
+    def _reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor | None:
+        return self._full_logprobs(None, batch) if self.engine.reference is not None else None
+
+    def _run_micro_batches(self, batch: PolicyBatch, loss_fn: MicroLossFn, temperature: float) -> None:
+        """megatron's schedule (1F1B for PP > 1); ``loss_fn`` runs on the last stage."""
+        from megatron_ext.train import vocab_parallel_logprobs
+
+        eng = self.engine
+        micro = eng.micro_batches(batch.input_ids, max(1, self.algo.micro_batch_size), self.pad_id)
+
+        def step_loss(j: int, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+            mb = micro[j]
+            logp = vocab_parallel_logprobs(logits[:, :-1], mb.ids[:, 1:], eng.arch.vocab_size, temperature)
+            return loss_fn(logp, slice(mb.first, mb.first + mb.rows))
+
+        eng.zero_grad()
+        eng.run(eng.ddp, micro, step_loss, forward_only=False)
+
+    def _sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        # The TP/PP ranks of one replica hold the same rows: the data-parallel group only.
+        return self.engine.all_reduce_dp(t)
+
+    def _sum_loss_stage(self, t: torch.Tensor) -> torch.Tensor:
+        """Last-stage sums -> the global sums on every rank."""
+        return self.engine.all_reduce_dp(self.engine.from_last_stage(t))
+
+    def _discard_gradients(self) -> None:
+        self.engine.zero_grad()
+
+    def _apply_gradients(self) -> tuple[float, bool]:
+        return self.engine.apply_gradients(self._lr())
+
+    def _step_schedule(self) -> float:
         self._lr_holder.step()  # a no-op (no gradient); keeps the scheduler's step-order check quiet
         self.scheduler.step()
         self._lr_override = None
-        totals["lr"] = self.scheduler.get_last_lr()[0]
-        totals["nonfinite_updates"] = float(skipped)
-        return totals
+        return self.scheduler.get_last_lr()[0]
 
-    def _update(self, batch: PolicyBatch, old: torch.Tensor | None, ref: torch.Tensor | None) -> dict[str, float]:
-        eng = self.engine
-        mask_all = batch.loss_mask[:, 1:]
-        # The global batch's normalisers: micro-batch and DP-rank losses sum to the full-batch loss.
-        num_tokens = float(eng.all_reduce_dp(mask_all.sum().double().reshape(1)))
-        num_seqs = float(eng.all_reduce_dp(torch.tensor([float(batch.size)], dtype=torch.float64)))
-        max_len = self.max_response_len or mask_all.shape[1]
-        micro = eng.micro_batches(batch.input_ids, max(1, self.algo.micro_batch_size), self.pad_id)
-        sums = torch.zeros(len(_SUMS), dtype=torch.float64)
-
-        def loss_fn(j: int, logits: torch.Tensor):
-            from megatron_ext.train import vocab_parallel_logprobs
-
-            mb = micro[j]
-            b, rows = mb.ids.shape[0], slice(mb.first, mb.first + mb.rows)
-            logp = vocab_parallel_logprobs(logits[:, :-1], mb.ids[:, 1:], eng.arch.vocab_size, self.temperature)
-            loss, m = grpo_loss(
-                logp, _pad_rows(None if old is None else old[rows], b), _pad_rows(None if ref is None else ref[rows], b),
-                _pad_rows(batch.advantages[rows], b), _pad_rows(mask_all[rows], b),
-                eps_low=self.algo.clip_eps_low, eps_high=self.algo.clip_eps_high,
-                kl_beta=self.algo.kl_beta, kl_estimator=self.algo.kl_estimator,
-                loss_agg=self.algo.loss_agg, max_len=max_len, num_tokens=num_tokens, num_seqs=num_seqs,
-                clip_ratio_c=self.algo.clip_ratio_c, kl_clamp=self.algo.kl_clamp,
-            )
-            n = m["num_tokens"]
-            sums.add_(torch.tensor([loss.item(), m["pg_loss"], m["kl"] * n, m["clip_frac"] * n,
-                                    m["ratio_mean"] * n, n], dtype=torch.float64))
-            return loss, int(n)
-
-        eng.zero_grad()
-        eng.run(eng.ddp, micro, loss_fn, forward_only=False)
-        total = self._reduce(sums).tolist()
-        metrics = dict(zip(_SUMS, total))
-        tokens = max(metrics.pop("tokens"), 1.0)
-        for k in ("kl", "clip_frac", "ratio_mean"):
-            metrics[k] /= tokens
-        nonfinite = not math.isfinite(metrics["loss"])
-        if nonfinite:
-            eng.zero_grad()
-            grad_norm = float("nan")
-        else:
-            grad_norm, stepped = eng.apply_gradients(self._lr())
-            nonfinite = not stepped
-        metrics.update(grad_norm=grad_norm, nonfinite=float(nonfinite))
-        return metrics
+    def train_step(self, batch: PolicyBatch) -> dict[str, float]:
+        return grpo_step(self, batch.to(self.device))
 
     def sft_step(self, batch: PolicyBatch, lr: float | None = None) -> dict[str, float]:
-        from megatron_ext.train import vocab_parallel_logprobs
-
-        batch = batch.to(self.device)
         if lr is not None:
             self._lr_override = lr
-        eng = self.engine
-        mask_all = batch.loss_mask[:, 1:]
-        num_tokens = max(float(eng.all_reduce_dp(mask_all.sum().double().reshape(1))), 1.0)
-        micro = eng.micro_batches(batch.input_ids, max(1, self.algo.micro_batch_size), self.pad_id)
-        sums = torch.zeros(1, dtype=torch.float64)
-
-        def loss_fn(j: int, logits: torch.Tensor):
-            mb = micro[j]
-            mask = _pad_rows(mask_all[mb.first: mb.first + mb.rows], mb.ids.shape[0])
-            logp = vocab_parallel_logprobs(logits[:, :-1], mb.ids[:, 1:], eng.arch.vocab_size)
-            loss = -torch.where(mask, logp, 0.0).sum() / num_tokens
-            sums.add_(loss.item())
-            return loss, int(mask.sum())
-
-        eng.zero_grad()
-        eng.run(eng.ddp, micro, loss_fn, forward_only=False)
-        total = float(self._reduce(sums))
-        grad_norm, _ = eng.apply_gradients(self._lr())
-        return {"sft_loss": total, "grad_norm": grad_norm}
+        return sft_update(self, batch.to(self.device))
 
     def restore_lr(self) -> None:
         self._lr_override = None
@@ -334,4 +278,4 @@ class MegatronBackend(PolicyBackend):
             write_hf(self._model, self.tokenizer, path, state_dict=sd)
 
     def load_hf_weights(self, path: Path) -> None:
-        self.engine.load_hf(_read_safetensors(path))
+        self.engine.load_hf(read_safetensors(path))

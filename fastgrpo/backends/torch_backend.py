@@ -4,38 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastgrpo import distributed as dist_utils
-from fastgrpo.algo import TOKEN_MEAN_METRICS, grpo_loss, token_logprobs
-from fastgrpo.backends.base import PolicyBackend, PolicyBatch, run_updates
+from fastgrpo.algo import token_logprobs
+from fastgrpo.backends.base import PolicyBackend, PolicyBatch
+from fastgrpo.backends.hf_io import build_scheduler, is_tied, read_safetensors, write_hf, write_lora
+from fastgrpo.backends.update import MicroLossFn, grpo_step, sft_update
 from fastgrpo.config import AlgoConfig, LoraConfig, OptimConfig
 from fastgrpo.models import lora as lora_utils
 from fastgrpo.rollout.hf_runner import HFTargetRunner
 
 TREE_ATTN = ("sdpa", "eager")  # implementations that take an arbitrary 4-D mask
-
-
-def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
-    def factor(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "cosine":
-            span = max(total_steps - cfg.warmup_steps, 1)
-            progress = min((step - cfg.warmup_steps) / span, 1.0)
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        if cfg.schedule != "constant":
-            raise ValueError(f"optim.schedule must be constant or cosine, got {cfg.schedule!r}")
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def response_logprobs(model, batch: PolicyBatch, temperature: float = 1.0) -> torch.Tensor:
@@ -75,29 +60,29 @@ class TorchBackend(PolicyBackend):
     def __init__(self, model: torch.nn.Module, tokenizer, algo: AlgoConfig, optim: OptimConfig,
                  total_steps: int, temperature: float = 1.0, max_response_len: int | None = None,
                  lora: LoraConfig | None = None, gradient_checkpointing: bool = False):
-        self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
+        super().__init__(tokenizer, algo, optim, temperature, max_response_len)
         model = prepare_policy(model, lora, gradient_checkpointing)
         self.lora = lora_utils.is_lora(model)  # the KL reference is then the model with the adapter off
         self.save_merged = self.lora and lora.save_merged
-        self._model = model
-        self.tokenizer = tokenizer
-        self.algo, self.optim_cfg = algo, optim
-        self.temperature = temperature
-        self.max_response_len = max_response_len
-        self.device = next(model.parameters()).device
-        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-        model.train()
+        self.train_attn = lora_utils.base_causal_lm(model).config._attn_implementation
         self.ddp = None
+        self._wrap_policy(model, optim, total_steps)
+        self.reference: torch.nn.Module | None = None
+        if algo.kl_beta != 0:
+            self.reset_reference()
+
+    def _wrap_policy(self, model: torch.nn.Module, optim: OptimConfig, total_steps: int) -> None:
+        """Set ``_model``, ``device``, ``optimizer`` and ``scheduler`` around the prepared policy
+        (here: DDP under torchrun and torch's AdamW)."""
+        self._model = model
+        self.device = next(model.parameters()).device
+        model.train()
         if dist_utils.is_initialized():
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DDP(model, device_ids=ids)
         self.optimizer = torch.optim.AdamW(trainable_parameters(model), lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
-        self.reference: torch.nn.Module | None = None
-        if algo.kl_beta != 0:
-            self.reset_reference()
-        self.train_attn = self.model.config._attn_implementation
 
     @property
     def model(self) -> torch.nn.Module:
@@ -121,7 +106,7 @@ class TorchBackend(PolicyBackend):
             return
         if self.reference is None:
             self.reference = copy.deepcopy(self._model).eval().requires_grad_(False)
-        self.reference.load_state_dict(_read_safetensors(path), strict=False)
+        self.reference.load_state_dict(read_safetensors(path), strict=False)
 
     # ---- updates ---------------------------------------------------------------------------
     def _micro_batches(self, batch: PolicyBatch) -> list[PolicyBatch]:
@@ -154,19 +139,32 @@ class TorchBackend(PolicyBackend):
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm), finite
 
-    def train_step(self, batch: PolicyBatch) -> dict[str, float]:
-        batch = batch.to(self.device)
-        n_updates = max(1, self.algo.updates_per_batch)
-        # One optimizer step per rollout batch (the default) is strictly on-policy: the old
-        # log-probs equal the current ones, so no extra forward is spent on them.
-        old = self._logprobs_no_grad(self._model, batch) if n_updates > 1 else None
-        ref = self._reference_logprobs(batch)
-        totals, skipped = run_updates(batch, n_updates, old, ref, self._update)
+    def _run_micro_batches(self, batch: PolicyBatch, loss_fn: MicroLossFn, temperature: float) -> None:
+        micro = self._micro_batches(batch)
+        offset = 0
+        for j, mb in enumerate(micro):
+            rows = slice(offset, offset + mb.size)
+            offset += mb.size
+            last = j == len(micro) - 1
+            with self._micro_context(last):
+                loss, _ = loss_fn(response_logprobs(self._forward_model, mb, temperature), rows)
+                self._backward(loss, last)
+
+    def _sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        return dist_utils.all_reduce_sum(t)
+
+    def _sum_loss_stage(self, t: torch.Tensor) -> torch.Tensor:
+        return dist_utils.all_reduce_sum(t)  # every rank computes its rows' loss
+
+    def _step_schedule(self) -> float:
         self.scheduler.step()
-        totals["lr"] = self.scheduler.get_last_lr()[0]
-        totals = dist_utils.mean_metrics(totals)
-        totals["nonfinite_updates"] = float(skipped)
-        return totals
+        return self.scheduler.get_last_lr()[0]
+
+    def _policy_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
+        return self._logprobs_no_grad(self._model, batch)
+
+    def train_step(self, batch: PolicyBatch) -> dict[str, float]:
+        return grpo_step(self, batch.to(self.device))
 
     def _reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor | None:
         """The KL reference's log-probs: the frozen copy's, or a LoRA policy's with its adapter off."""
@@ -190,73 +188,11 @@ class TorchBackend(PolicyBackend):
                 return torch.zeros(0, max(batch.input_ids.shape[1] - 1, 0), device=batch.input_ids.device)
             return torch.cat(outs)
 
-    def _update(self, batch: PolicyBatch, old: torch.Tensor | None, ref: torch.Tensor | None):
-        mask_all = batch.loss_mask[:, 1:]
-        # Normalise by the global batch so that micro-batch and rank contributions sum to the
-        # full-batch loss; DDP averages gradients, hence the world_size factor.
-        num_tokens = float(dist_utils.all_reduce_sum(mask_all.sum().double().cpu()))
-        num_seqs = float(dist_utils.all_reduce_sum(torch.tensor(float(batch.size), dtype=torch.float64)))
-        # Dr. GRPO divides by a constant length: the generation budget, else the batch width
-        # (never a micro-batch's own width, which would change the weighting).
-        max_len = self.max_response_len or mask_all.shape[1]
-        metrics: dict[str, float] = {}
-        loss_total = 0.0
-        micro = self._micro_batches(batch)
-        offset = 0
-        for j, mb in enumerate(micro):
-            mb.input_ids.shape[1] - 1
-            sl = slice(offset, offset + mb.size)
-            offset += mb.size
-            last = j == len(micro) - 1
-            with self._micro_context(last):
-                logp = response_logprobs(self._forward_model, mb, self.temperature)
-                loss, m = grpo_loss(
-                    logp, _rows_of(old, sl, logp), _rows_of(ref, sl, logp),
-                    mb.advantages, mb.loss_mask[:, 1:],
-                    eps_low=self.algo.clip_eps_low, eps_high=self.algo.clip_eps_high,
-                    kl_beta=self.algo.kl_beta, kl_estimator=self.algo.kl_estimator,
-                    loss_agg=self.algo.loss_agg, max_len=max_len,
-                    num_tokens=num_tokens, num_seqs=num_seqs,
-                    clip_ratio_c=self.algo.clip_ratio_c, kl_clamp=self.algo.kl_clamp,
-                )
-                self._backward(loss, last)
-            loss_total += loss.item()
-            # Token-weighted over the global batch (x world_size: train_step averages over ranks).
-            w = m["num_tokens"] * self.world_size / max(num_tokens, 1.0)
-            for k in (k for k in TOKEN_MEAN_METRICS if k in m):
-                metrics[k] = metrics.get(k, 0.0) + m[k] * w
-            # A globally normalised partial sum: x world_size so that the mean over ranks is the total.
-            metrics["pg_loss"] = metrics.get("pg_loss", 0.0) + m["pg_loss"] * self.world_size
-        loss_total = float(dist_utils.all_reduce_sum(torch.tensor(loss_total, dtype=torch.float64)))
-        nonfinite = not math.isfinite(loss_total)
-        if nonfinite:
-            self._discard_gradients()
-            grad_norm = float("nan")
-        else:
-            grad_norm, finite = self._apply_gradients()
-            nonfinite = not finite
-        metrics.update(loss=loss_total, grad_norm=grad_norm, nonfinite=float(nonfinite))
-        return metrics
-
     def sft_step(self, batch: PolicyBatch, lr: float | None = None) -> dict[str, float]:
-        batch = batch.to(self.device)
         if lr is not None:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
-        mask_all = batch.loss_mask[:, 1:]
-        num_tokens = float(dist_utils.all_reduce_sum(mask_all.sum().double().cpu()))
-        total = 0.0
-        micro = self._micro_batches(batch)
-        for j, mb in enumerate(micro):
-            last = j == len(micro) - 1
-            with self._micro_context(last):
-                logp = response_logprobs(self._forward_model, mb)
-                loss = -(logp * mb.loss_mask[:, 1:]).sum() / max(num_tokens, 1.0)
-                self._backward(loss, last)
-            total += loss.item()
-        grad_norm, _ = self._apply_gradients()
-        total = float(dist_utils.all_reduce_sum(torch.tensor(total, dtype=torch.float64)))
-        return {"sft_loss": total, "grad_norm": grad_norm}
+        return sft_update(self, batch.to(self.device))
 
     def restore_lr(self) -> None:
         """Back to the scheduled GRPO learning rate after the warm-up changed it."""
@@ -314,54 +250,8 @@ class TorchBackend(PolicyBackend):
         if self.lora:  # the base weights are model.path's; the checkpoint holds the adapter
             lora_utils.load_adapter(self._model, lora_utils.read_adapter(path))
             return
-        missing, unexpected = self._model.load_state_dict(_read_safetensors(path), strict=False)
-        real_missing = [k for k in missing if not _is_tied(self._model, k)]
+        missing, unexpected = self._model.load_state_dict(read_safetensors(path), strict=False)
+        real_missing = [k for k in missing if not is_tied(self._model, k)]
         if real_missing or unexpected:
             raise ValueError(f"weights in {path} do not match the policy: missing {real_missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-
-
-def _rows_of(full: torch.Tensor | None, rows: slice, like: torch.Tensor) -> torch.Tensor | None:
-    """``full[rows]`` cut to ``like``'s width; zeros for a zero-weight padding micro-batch."""
-    if full is None:
-        return None
-    part = full[rows, : like.shape[1]]
-    return part if part.shape[0] == like.shape[0] else torch.zeros_like(like)
-
-
-def write_hf(model, tokenizer, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one tiny shard: a bar per checkpoint is noise
-    model.save_pretrained(Path(path), state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-
-
-def write_lora(model, tokenizer, path: Path, merged: bool, state: dict[str, torch.Tensor] | None = None) -> None:
-    """A LoRA policy's HF export: the adapter folder at ``path``, and with ``merged`` the merged
-    model in ``path/merged``. ``state``: the peft model's whole state dict (ZeRO-3: gathered)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    lora_utils.save_adapter(model, tokenizer, path, state)
-    if merged:
-        lora_utils.save_merged(model, tokenizer, Path(path) / lora_utils.MERGED_DIR,
-                               state if state is not None else model.state_dict())
-
-
-def _is_tied(model, key: str) -> bool:
-    return key.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            state.update(load_file(str(f)))
-        except Exception as e:  # safetensors' own errors do not say which file
-            raise ValueError(f"cannot read {f}: {type(e).__name__}: {e}") from e
-    return state
