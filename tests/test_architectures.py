@@ -213,7 +213,7 @@ def save_folder(root, name, model, tokenizer):
     return folder
 
 
-TRAIN = ("rollout=fastgrpo", "rollout.c_peak=64", "rollout.max_new_tokens=8", "trainer.steps=2",
+TRAIN = ("rollout=fastgrpo", "rollout.c_peak=64", "draft.update_every=1", "rollout.max_new_tokens=8", "trainer.steps=2",
          "warmup.enabled=false", "tracking.enabled=false", "trainer.eval_size=0", "trainer.progress=false",
          "algo.prompts_per_step=2", "algo.group_size=2", "algo.micro_batch_size=4", "algo.kl_beta=0.0",
          "data.synthetic.num_train=8", "data.synthetic.num_test=2", "data.test_size=2", "optim.lr=1e-2",

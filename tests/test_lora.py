@@ -30,7 +30,7 @@ TINY = ("trainer.steps=4", "trainer.eval_size=8", "data.synthetic.num_train=200"
 LORA = ("model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16", "model.lora.save_merged=true",
         "algo.kl_beta=0.04", "optim.lr=3e-3", "checkpoint.every=2",
         # speculative rollouts with the online EAGLE draft; policy=formula: a function of the seed
-        "rollout=fastgrpo", "rollout.policy=formula", "rollout.c_peak=64", "draft.lr=1e-3",
+        "rollout=fastgrpo", "rollout.policy=formula", "rollout.c_peak=64", "draft.lr=1e-3", "draft.update_every=1",
         "reward.functions=[{name:accuracy,weight:1.0},{name:lora_length,weight:0.1}]")
 RESUME_KEYS = ("reward/mean", "train/loss", "train/kl", "train/grad_norm", "rollout/tokens",
                "rollout/mean_accepted_len", "draft/loss")

@@ -109,7 +109,7 @@ def test_deepspeed_lora_reference_adapter_only_and_exports(tmp_path):
 # ---- the real CLI: ZeRO-3 LoRA GRPO run, resumed ------------------------------------------------
 
 TINY = [
-    "rollout=fastgrpo", "rollout.policy=formula", "rollout.c_peak=64", "draft.lr=1e-3",
+    "rollout=fastgrpo", "rollout.policy=formula", "rollout.c_peak=64", "draft.lr=1e-3", "draft.update_every=1",
     "backend=deepspeed", "backend.ddp_backend=gloo", "backend.deepspeed.zero_stage=3",
     "backend.deepspeed.param_persistence_threshold=0",
     "model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16", "model.lora.save_merged=true",

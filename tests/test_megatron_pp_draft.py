@@ -198,7 +198,7 @@ def test_pp2_draft_learner_on_last_stage_raises_top1_and_reaches_rank0(ranks):
 
 # policy=formula: accepted lengths are compared across the resume (cost_model's follow timings).
 TRAIN_ARGS = ["backend=megatron", "backend.megatron.pipeline_parallel=2", "backend.ddp_backend=gloo", "rollout=fastgrpo",
-              "rollout.policy=formula",
+              "rollout.policy=formula", "draft.update_every=1",
               "rollout.c_peak=64", "trainer.steps=3", "warmup.steps=2", "warmup.batch_size=8", "trainer.eval_size=4",
               "data.synthetic.num_train=100", "data.synthetic.num_test=8", "data.test_size=8",
               "rollout.max_new_tokens=12", "algo.prompts_per_step=2", "algo.group_size=4", "checkpoint.every=1",

@@ -315,7 +315,9 @@ def test_one_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):
 
 # policy=formula: accepted lengths are a function of the seed (cost_model's depend on timings too;
 # its rollouts do not: test_cost_model_resume_reproduces_rollouts_and_draft).
-SPEC = ("rollout=fastgrpo", "rollout.policy=formula", "rollout.c_peak=64", "draft.lr=1e-3", "checkpoint.every=2", "algo.kl_beta=0.0",
+# draft.update_every=1: the draft learns after every step (the embedded default thins it to 4).
+SPEC = ("rollout=fastgrpo", "rollout.policy=formula", "rollout.c_peak=64", "draft.lr=1e-3", "draft.update_every=1",
+        "checkpoint.every=2", "algo.kl_beta=0.0",
         "tracking.enabled=false", REWARDS)
 SPEC_KEYS = ("reward/mean", "train/loss", "rollout/mean_accepted_len", "draft/loss", "draft/top1_agreement")
 
@@ -377,7 +379,8 @@ def test_cost_model_resume_reproduces_rollouts_and_draft(tmp_path):
 def test_draft_update_every_thins_updates_and_feature_capture(tmp_path):
     """draft.update_every=2: the draft learns after steps 1 and 3 only (from those steps'
     rollouts); the other steps capture no features and run no draft update."""
-    trainer, _ = run_trainer(tmp_path, *SPEC, "draft.update_every=2", "checkpoint.every=0")
+    spec = tuple(o for o in SPEC if not o.startswith(("draft.update_every", "checkpoint.every")))
+    trainer, _ = run_trainer(tmp_path, *spec, "draft.update_every=2", "checkpoint.every=0")
     hist = step_metrics(trainer.history)
     assert sorted(s for s, h in hist.items() if "draft/loss" in h) == [1, 3]
     assert all(hist[s]["draft/tokens"] > 0 for s in (1, 3))
