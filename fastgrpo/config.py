@@ -140,6 +140,10 @@ class AlgoConfig:
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal
     updates_per_batch: int = 1  # optimizer steps per rollout batch (1 = strictly on-policy)
     micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation)
+    # Order the update's rows by length so each micro-batch pads to a similar width (HF Trainer's
+    # group_by_length): the same loss and gradient up to float order, a fifth less compute on the
+    # embedded default's long-tailed lengths.
+    group_by_length: bool = True
     # verl's options. Dual-clip PPO: for A < 0 the token loss is capped at -A * clip_ratio_c
     # (> 1; verl's default 3); null = off. kl_clamp clamps the k3 estimate to [-kl_clamp, kl_clamp]
     # (verl's low_var_kl uses 10); null = off, so results are unchanged unless asked for.

@@ -245,7 +245,8 @@ class GRPOTrainer:
         if dist_utils.all_reduce_max(keep.any().long()).item():
             idx = keep.nonzero().squeeze(1).tolist()
             batch = build_policy_batch([prompts[i] for i in idx], [rollouts.response_ids[i] for i in idx],
-                                       self.tokenizer.pad_token_id, advantages[keep])
+                                       self.tokenizer.pad_token_id, advantages[keep],
+                                       group_by_length=algo.group_by_length)
             update = self.backend.train_step(batch)
             self._check_finite(update)
         t_update = time.perf_counter()

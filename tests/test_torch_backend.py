@@ -42,6 +42,28 @@ def flat_params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def test_rows_grouped_by_length_give_the_same_update_with_less_padding():
+    g = torch.Generator().manual_seed(3)
+    prompts = [list(range(1, 2 + int(torch.randint(1, 6, (1,), generator=g)))) for _ in range(8)]
+    responses = [torch.randint(1, 24, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(8)]
+    adv = torch.randn(8, generator=g)
+    plain = build_policy_batch(prompts, responses, 0, adv)
+    grouped = build_policy_batch(prompts, responses, 0, adv, group_by_length=True)
+    lengths = grouped.attention_mask.sum(1).tolist()
+    assert lengths == sorted(plain.attention_mask.sum(1).tolist())
+    width = lambda b, m: sum(b.rows(slice(i, i + m)).trimmed().input_ids.numel() for i in range(0, b.size, m))
+    assert width(grouped, 3) < width(plain, 3)
+    full, micro = make_backend(micro=8), make_backend(micro=3)
+    for b in (full, micro):
+        with torch.no_grad():
+            for p in b.model.parameters():
+                p.add_(0.01)
+    m_full, m_grouped = full.train_step(plain), micro.train_step(grouped)
+    assert m_grouped["loss"] == pytest.approx(m_full["loss"], abs=1e-6)
+    assert torch.allclose(flat_params(full.model), flat_params(micro.model), atol=1e-6)
+
+
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean", "dr_grpo"])
 def test_micro_batching_equals_full_batch(agg):
     batch = make_batch()

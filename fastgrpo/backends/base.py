@@ -59,7 +59,14 @@ class PolicyBatch:
 
 
 def build_policy_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                       advantages: torch.Tensor | None = None) -> PolicyBatch:
+                       advantages: torch.Tensor | None = None, group_by_length: bool = False) -> PolicyBatch:
+    """Right-padded rows of prompt + response, the loss on the response. ``group_by_length``
+    orders the rows by length (stable), so that consecutive micro-batches pad to similar widths:
+    the loss and gradient are sums over rows, unchanged by their order."""
+    if group_by_length:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+        prompts, responses = [prompts[i] for i in order], [responses[i] for i in order]
+        advantages = None if advantages is None else advantages[order]
     n = len(prompts)
     width = max((len(p) + len(r) for p, r in zip(prompts, responses)), default=2)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
