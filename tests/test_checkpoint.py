@@ -18,10 +18,10 @@ from fastgrpo.checkpoint import (
     CheckpointError,
     CheckpointManager,
     check_weights_only_safe,
-    model_fingerprint,
     read_meta,
     resolve_resume,
 )
+from fastgrpo.models import model_fingerprint
 from fastgrpo.rng_state import capture_rng_state, restore_rng_state
 
 FP = {"model_type": "qwen2", "hidden_size": 32, "vocab_size": 64}
@@ -98,7 +98,7 @@ def test_round_trip_with_real_model(tiny, tmp_path):
     opt, sched = _opt_and_sched(model)
     _train_step(model, opt, sched, seed=1)
     gen = torch.Generator().manual_seed(7)
-    fp = model_fingerprint(model, tok, reference="tiny@init")
+    fp = {**model_fingerprint(model), "reference": "tiny@init"}
     state = {
         "step": 12,
         "optimizer": opt.state_dict(),
@@ -125,7 +125,7 @@ def test_round_trip_with_real_model(tiny, tmp_path):
     raw = torch.load(ck / STATE_FILE, weights_only=True)
     assert raw["step"] == 12 and raw["data"] == {"epoch": 1, "index": 40, "seed": 3}
 
-    loaded = mgr.load(mgr.latest(), expected_fingerprint=model_fingerprint(model, tok, reference="tiny@init"))
+    loaded = mgr.load(mgr.latest(), expected_fingerprint={**model_fingerprint(model), "reference": "tiny@init"})
     model2 = AutoModelForCausalLM.from_pretrained(ck / "policy")
     # Not AutoTokenizer: transformers 5 forces Qwen2Tokenizer for any folder whose config.json says
     # model_type=qwen2 (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS), which drops a WordLevel model.
@@ -152,8 +152,8 @@ def test_round_trip_with_real_model(tiny, tmp_path):
 
 
 def test_fingerprint_mismatch(tiny, tmp_path):
-    model, tok = tiny
-    fp = model_fingerprint(model, tok)
+    model, _ = tiny
+    fp = model_fingerprint(model)
     mgr = CheckpointManager(tmp_path, keep_last=2)
     ck = mgr.save(1, dummy_policy, small_state(1), fp)
     other = dict(fp, hidden_size=64, num_hidden_layers=4)

@@ -39,11 +39,11 @@ its part into the temporary folder; :meth:`~CheckpointManager.commit` and
 every rank hashes or verifies its share. Without them one process does everything.
 
 Modules: ``manager`` (CheckpointManager, resume resolution, loading), ``manifest`` (meta.json,
-checksums, verification), ``identity`` (model fingerprint, weights_only rules). RNG capture is in
+checksums, verification), ``identity`` (fingerprint comparison, weights_only rules). RNG capture is in
 :mod:`fastgrpo.rng_state`.
 """
 
-from fastgrpo.checkpoint.identity import check_weights_only_safe, fingerprint_diff, model_fingerprint
+from fastgrpo.checkpoint.identity import check_weights_only_safe, fingerprint_diff
 from fastgrpo.checkpoint.manager import (
     POLICY_DIR,
     SHARDS_DIR,
@@ -66,5 +66,5 @@ from fastgrpo.checkpoint.manifest import (
 __all__ = [
     "FORMAT_VERSION", "META_FILE", "POLICY_DIR", "SHARDS_DIR", "STATE_FILE", "SUPPORTED_FORMAT_VERSIONS",
     "CheckpointError", "CheckpointManager", "check_weights_only_safe", "fingerprint_diff", "load_checkpoint",
-    "model_fingerprint", "read_meta", "reading", "resolve_resume", "step_dirname", "verify_checkpoint",
+    "read_meta", "reading", "resolve_resume", "step_dirname", "verify_checkpoint",
 ]

@@ -1,9 +1,9 @@
-"""Who a checkpoint belongs to (the model fingerprint) and what its state may hold (values that
-``torch.load(weights_only=True)`` accepts)."""
+"""Who a checkpoint belongs to (comparing the model fingerprint it was saved with, which
+``fastgrpo.models.model_fingerprint`` computes, to the current one) and what its state may hold
+(values that ``torch.load(weights_only=True)`` accepts)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -55,52 +55,6 @@ def check_weights_only_safe(obj: Any, where: str = "state") -> None:
         f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which torch.load(weights_only=True) "
         f"refuses{hint}; store tensors and plain Python values only"
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Model fingerprint
-# --------------------------------------------------------------------------------------------
-
-
-def model_fingerprint(model: Any = None, tokenizer: Any = None, **extra: Any) -> dict:
-    """A JSON-able identity of a model's architecture (not its weights, which change in training).
-
-    Shapes come from ``ds_shape`` when DeepSpeed ZeRO-3 has partitioned a parameter. ``extra``
-    (e.g. ``reference="tiny"``, ``draft="eagle-1layer"``) is merged in as given.
-    """
-    fp: dict[str, Any] = {}
-    if model is not None:
-        cfg = getattr(model, "config", None)
-        fp["model_class"] = type(model).__name__
-        if cfg is not None:
-            for key in (
-                "model_type",
-                "vocab_size",
-                "hidden_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "intermediate_size",
-            ):
-                if getattr(cfg, key, None) is not None:
-                    fp[key] = getattr(cfg, key)
-        lines = []
-        total = 0
-        for name, p in model.named_parameters():
-            shape = tuple(getattr(p, "ds_shape", p.shape))
-            total += int(getattr(p, "ds_numel", p.numel()))
-            lines.append(f"{name}:{list(shape)}")
-        fp["num_parameters"] = total
-        fp["param_shapes_sha1"] = hashlib.sha1("\n".join(sorted(lines)).encode()).hexdigest()
-    if tokenizer is not None:
-        vocab = tokenizer.get_vocab()
-        fp["tokenizer_vocab_size"] = len(vocab)
-        digest = hashlib.sha1()
-        for tok, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
-            digest.update(f"{idx}\t{tok}\n".encode("utf-8", "surrogatepass"))
-        fp["tokenizer_vocab_sha1"] = digest.hexdigest()
-    fp.update(extra)
-    return _json_normalize(fp)
 
 
 def fingerprint_diff(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
