@@ -3,6 +3,8 @@ token-for-token equality with AR, correct log-probs, ragged rows, and the AR fal
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import make_tiny_qwen2
@@ -272,12 +274,33 @@ def test_sibling_drafts_are_lossless(model, kind):
 
 
 def test_suffix_store_is_bounded_and_round_trips():
-    store = SuffixStore(per_prompt=2, max_prompts=3)
+    store = SuffixStore(per_prompt=2, max_prompts=3, global_responses=4)
     for i in range(5):
         for j in range(4):
             store.add((i,), [i, j])
     assert len(store.data) == 3 and all(len(v) == 2 for v in store.data.values())
     assert store.get((4,)) == [[4, 2], [4, 3]] and store.get((0,)) == []
+    # Across prompts: the 4 most recent responses (up to twice as many between rebuilds), indexed.
+    assert 4 <= len(store.recent) < 8 and store.recent[-1] == [4, 3]
+    assert len(store.index.seqs) == len(store.recent)
+    assert {store.index.seqs[s][e + 1] for s, e in store.index.grams[(4,)]} == {0, 1, 2, 3}
     again = SuffixStore()
     again.load_state_dict(store.state_dict())
-    assert again.data == store.data and again.num_tokens == 12
+    assert again.data == store.data and again.recent == store.recent
+    assert again.num_tokens == store.num_tokens == 12 + 2 * len(store.recent)
+    assert again.index.grams == store.index.grams
+
+
+def test_suffix_proposer_drafts_from_other_prompts_responses():
+    """A prompt never seen before: its row's suffix is matched in the responses to other prompts
+    (the store's global index), and the continuation that followed most often is proposed first."""
+    store = SuffixStore(global_responses=16)
+    for resp in ([5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 9]):
+        store.add((1, 2), resp)
+    prop = SuffixProposer(1, store, record=False)
+    prop.start([[3, 4, 5]], None, torch.tensor([6]))  # the row so far: 3 4 5 | 6
+    trie = dict(prop.row_trie(0, 3))
+    assert trie[(7,)] == pytest.approx(math.log(2 / 3)) and trie[(9,)] == pytest.approx(math.log(1 / 3))
+    assert trie[(7, 8)] == pytest.approx(math.log(2 / 3))
+    prop.drop_rows(torch.tensor([0]))
+    assert len(store.recent) == 3  # record=False: the store only read

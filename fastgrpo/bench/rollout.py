@@ -40,17 +40,33 @@ MODES = tuple(MODE_OVERRIDES)
 SPECULATIVE = tuple(m for m in MODES if m not in ("ar_row", "ar"))
 
 
-def _proposer_factory(kind: str | None, draft):
-    """Sibling drafts for the benchmark: a fresh store per rollout (siblings only; earlier
-    rollouts of the same prompts with the same policy would flatter it)."""
+def _proposer_factory(kind: str | None, draft, store=None):
+    """Sibling drafts for the benchmark. ``store``: earlier responses to *other* prompts (the
+    global index a GRPO run has from its earlier steps), read only: a store that learned the
+    benchmark's own prompts across repeats would flatter it."""
     if kind is None:
         return None
     from fastgrpo.draft.proposer import EagleProposer
     from fastgrpo.draft.suffix import HybridProposer, SuffixProposer
 
     if kind == "suffix":
-        return lambda b, m, s: SuffixProposer(b)
-    return lambda b, m, s: HybridProposer(EagleProposer(draft, b, m, s), SuffixProposer(b))
+        return lambda b, m, s: SuffixProposer(b, store, record=False)
+    return lambda b, m, s: HybridProposer(EagleProposer(draft, b, m, s), SuffixProposer(b, store, record=False))
+
+
+def history_store(model, prompts, params, batch: int = 32):
+    """A SuffixStore holding AR rollouts of ``prompts`` (e.g. the train split, never the measured
+    prompts): what a GRPO run's store holds after a few steps."""
+    from fastgrpo.draft.suffix import SuffixStore
+
+    store = SuffixStore()
+    gen = build_generator(RolloutConfig(mode="ar"), lambda b, n: HFTargetRunner(model, b, n), None, 1)
+    for i in range(0, len(prompts), batch):
+        rows = prompts[i: i + batch]
+        out = gen.generate(rows, params, torch.Generator().manual_seed(i))
+        for p, r in zip(rows, out.response_ids):
+            store.add(tuple(p), r)
+    return store
 
 
 def _measure(gen, prompts, params, seed: int) -> dict:
@@ -110,13 +126,14 @@ def hf_generate(model, prompts, params: SamplingParams, seed: int, pad_id: int =
 
 
 def compare_modes(model, draft, prompts, params, c_peak: int, repeats: int = 3, modes=MODES,
-                  rollout_cfg: RolloutConfig | None = None, with_hf: bool = False) -> dict:
+                  rollout_cfg: RolloutConfig | None = None, with_hf: bool = False, store=None) -> dict:
+    """``store``: the suffix drafts' earlier responses (``history_store``; None: siblings only)."""
     base = rollout_cfg or RolloutConfig()
     runner = lambda b, n: HFTargetRunner(model, b, n)
     gens = {}
     for m in modes:
         over = dict(MODE_OVERRIDES[m])
-        factory = _proposer_factory(over.pop("draft", None), draft)
+        factory = _proposer_factory(over.pop("draft", None), draft, store)
         cfg = dataclasses.replace(base, **over)
         gens[m] = build_generator(cfg, runner, draft, c_peak, proposer_factory=factory)
         gens[m].group_prefill = m != "ar_row"
@@ -160,18 +177,24 @@ def _line(res: dict) -> str:
 
 def bench_rollout(model, draft, tok, prompts_pool, c_peak: int, batch_sizes=(1, 2, 4, 8, 16, 32, 64),
                   repeats: int = 3, max_new_tokens: int = 64, grpo_shapes=((4, 8), (16, 8)),
-                  grpo_max_new_tokens: int = 128, say=print, with_hf: bool = True) -> dict:
+                  grpo_max_new_tokens: int = 128, say=print, with_hf: bool = True, history_prompts=None) -> dict:
+    """``history_prompts``: other prompts whose AR rollouts fill the suffix drafts' store first."""
     params = SamplingParams(1.0, 0.95, 0, max_new_tokens, (tok.eos_token_id,))
+    store = None
+    if history_prompts:
+        store = history_store(model, history_prompts, SamplingParams(1.0, 0.95, 0, grpo_max_new_tokens,
+                                                                     (tok.eos_token_id,)))
+        say(f"suffix store: {len(store.recent)} earlier responses to other prompts ({store.num_tokens} tokens)")
     by_mode: dict[str, dict] = {m: {"by_batch_size": {}, "grpo": {}} for m in (*MODES, "hf_generate")}
     for b in batch_sizes:
-        res = compare_modes(model, draft, prompts_pool[:b], params, c_peak, repeats, with_hf=with_hf)
+        res = compare_modes(model, draft, prompts_pool[:b], params, c_peak, repeats, with_hf=with_hf, store=store)
         for m, r in res.items():
             by_mode[m]["by_batch_size"][str(b)] = r
         say(f"batch {b:>3}: " + _line(res))
     gparams = SamplingParams(1.0, 0.95, 0, grpo_max_new_tokens, (tok.eos_token_id,))
     for p, g in grpo_shapes:
         grpo = [pr for pr in prompts_pool[:p] for _ in range(g)]
-        res = compare_modes(model, draft, grpo, gparams, c_peak, repeats, with_hf=with_hf)
+        res = compare_modes(model, draft, grpo, gparams, c_peak, repeats, with_hf=with_hf, store=store)
         for m, r in res.items():
             by_mode[m]["grpo"][f"{p}x{g}"] = r
         say(f"GRPO {p}x{g}: " + _line(res))

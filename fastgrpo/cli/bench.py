@@ -67,8 +67,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if a.part in ("drift", "e2e"):
         return _training_part(a, folder, c_peak, out)
+    # The suffix drafts start from 256 AR rollouts of train prompts (a GRPO run's earlier steps);
+    # the measured prompts come from the test split.
     result = bench_rollout(model, draft, tok, rollout_prompts(tok, max(a.batch_sizes)), c_peak,
-                           a.batch_sizes, a.repeats, a.max_new_tokens)
+                           a.batch_sizes, a.repeats, a.max_new_tokens,
+                           history_prompts=rollout_prompts(tok, 256, split="train"))
     result.update(preset=a.preset, threads=torch.get_num_threads(), device="cpu")
     _write(out, "rollout", result, plot_speedup(result, out / "rollout_speedup.png"), a, c_peak)
     return 0

@@ -3,9 +3,12 @@
 GRPO samples G responses per prompt; on a trained policy they share most of their text, and so
 do earlier rollouts of the same prompt. ``SuffixProposer`` finds the longest recent suffix of a
 row (up to ``max_match`` tokens) in its group's text (the prompt, every row's response so far,
-and a bounded store of earlier responses to that prompt) and proposes the continuations that
-followed it, as a trie scored by empirical frequency: a node's score is the log of the fraction
-of matches that continued with its path. No model forward at all; verification does not care
+and a bounded store of earlier responses to that prompt) and in the store's index over the most
+recent responses to *any* prompt, and proposes the continuations that followed it, as a trie
+scored by empirical frequency: a node's score is the log of the fraction of matches that
+continued with its path. The global index matters because siblings decode in lockstep (a
+sibling is rarely ahead of a row) and a run rarely sees a prompt twice, while responses to other
+prompts share their phrasing (on the embedded task: "= c . c" after "a op b"). No model forward at all; verification does not care
 where a node came from, so losslessness holds unchanged.
 
 ``HybridProposer`` puts an EAGLE tree and a suffix trie into one tree (identical token paths are
@@ -25,13 +28,19 @@ from fastgrpo.rollout.tree import TreeBatch, ancestor_mask
 
 
 class SuffixStore:
-    """Earlier responses per prompt (keyed by its tokens), bounded: at most ``per_prompt``
-    responses for each of the ``max_prompts`` most recent prompts."""
+    """Earlier responses, bounded: per prompt (keyed by its tokens) at most ``per_prompt`` for each
+    of the ``max_prompts`` most recent prompts, and, across prompts, the ``global_responses`` most
+    recent ones in one n-gram index (SuffixDecoding's global tree): GRPO rarely repeats a prompt
+    within a run, but the responses to other prompts share their phrasing."""
 
-    def __init__(self, per_prompt: int = 16, max_prompts: int = 1024):
+    def __init__(self, per_prompt: int = 16, max_prompts: int = 1024, global_responses: int = 1024,
+                 max_match: int = 6):
         self.per_prompt = per_prompt
         self.max_prompts = max_prompts
+        self.global_responses = global_responses
         self.data: OrderedDict[tuple[int, ...], list[list[int]]] = OrderedDict()
+        self.recent: list[list[int]] = []  # across prompts, oldest first
+        self.index = _GroupIndex(max_match)  # over ``recent`` (and up to as many older ones)
 
     def get(self, prompt: tuple[int, ...]) -> list[list[int]]:
         return self.data.get(prompt, [])
@@ -42,16 +51,30 @@ class SuffixStore:
         self.data[prompt] = rows[-self.per_prompt:]
         while len(self.data) > self.max_prompts:
             self.data.popitem(last=False)
+        if self.global_responses > 0:
+            self.recent.append(list(response))
+            self.index.add_seq(list(response))
+            if len(self.recent) >= 2 * self.global_responses:  # amortised eviction: rebuild
+                self.recent = self.recent[-self.global_responses:]
+                self._reindex()
+
+    def _reindex(self) -> None:
+        self.index = _GroupIndex(self.index.max_match)
+        for r in self.recent:
+            self.index.add_seq(r)
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(r) for rows in self.data.values() for r in rows)
+        return sum(len(r) for rows in self.data.values() for r in rows) + sum(len(r) for r in self.recent)
 
     def state_dict(self) -> dict:
-        return {"prompts": [list(k) for k in self.data], "responses": list(self.data.values())}
+        return {"prompts": [list(k) for k in self.data], "responses": list(self.data.values()),
+                "recent": [list(r) for r in self.recent]}
 
     def load_state_dict(self, s: dict) -> None:
         self.data = OrderedDict((tuple(k), [list(r) for r in v]) for k, v in zip(s["prompts"], s["responses"]))
+        self.recent = [list(r) for r in s.get("recent", [])]
+        self._reindex()
 
 
 class _GroupIndex:
@@ -81,8 +104,11 @@ class SuffixProposer:
     """Proposer over a prompt group's own text (see the module docstring)."""
 
     def __init__(self, max_batch: int, store: SuffixStore | None = None, max_match: int = 6, min_match: int = 2,
-                 max_occurrences: int = 32, device: torch.device | str = "cpu"):
+                 max_occurrences: int = 32, device: torch.device | str = "cpu", record: bool = True):
+        """``record``: add each finished row's response to ``store`` (off: read it only, e.g. a
+        benchmark that must not learn the prompts it measures)."""
         self.store = store
+        self.record = record
         self.max_match, self.min_match = max_match, min_match
         self.max_occurrences = max_occurrences
         self.device = torch.device(device)
@@ -114,7 +140,7 @@ class SuffixProposer:
     def drop_rows(self, rows: torch.Tensor) -> None:
         drop = set(rows.tolist())
         for r in sorted(drop):
-            if self.store is not None:
+            if self.store is not None and self.record:
                 g = self.groups[self.row_group[r]]
                 self.store.add(self.prompts[r], g.seqs[self.row_seq[r]][self.prompt_len[r]:])
         keep = [r for r in range(len(self.row_group)) if r not in drop]
@@ -126,29 +152,37 @@ class SuffixProposer:
 
     # ---- proposing -------------------------------------------------------------------------
     def row_trie(self, r: int, depth: int) -> list[tuple[tuple[int, ...], float]]:
-        """(token path, log frequency) of the continuations of row r's longest matched suffix."""
+        """(token path, log frequency) of the continuations of row r's longest matched suffix:
+        in its group's text first, then in the store's recent responses to any prompt."""
         g = self.groups[self.row_group[r]]
         sid = self.row_seq[r]
         seq = g.seqs[sid]
         end = len(seq) - 1
-        occ: list[tuple[int, int]] = []
+        glob = self.store.index if self.store is not None else None
+        conts: list[list[int]] = []
         for n in range(min(self.max_match, len(seq)), self.min_match - 1, -1):
-            for s, e in reversed(g.grams.get(tuple(seq[end - n + 1:]), ())):  # the most recent matches
+            key = tuple(seq[end - n + 1:])
+            for s, e in reversed(g.grams.get(key, ())):  # the most recent matches
                 if e + 1 < len(g.seqs[s]) and not (s == sid and e == end):
-                    occ.append((s, e))
-                    if len(occ) == self.max_occurrences:
+                    conts.append(g.seqs[s][e + 1: e + 1 + depth])
+                    if len(conts) == self.max_occurrences:
                         break
-            if occ:
+            if glob is not None and len(conts) < self.max_occurrences:
+                for s, e in reversed(glob.grams.get(key, ())):
+                    if e + 1 < len(glob.seqs[s]):
+                        conts.append(glob.seqs[s][e + 1: e + 1 + depth])
+                        if len(conts) == self.max_occurrences:
+                            break
+            if conts:
                 break
-        if not occ:
+        if not conts:
             return []
         counts: dict[tuple[int, ...], int] = {}
-        for s, e in occ:
-            cont = g.seqs[s][e + 1: e + 1 + depth]
+        for cont in conts:
             for k in range(1, len(cont) + 1):
                 path = tuple(cont[:k])
                 counts[path] = counts.get(path, 0) + 1
-        total = len(occ)
+        total = len(conts)
         return [(path, math.log(c / total)) for path, c in counts.items()]
 
     def propose(self, roots: torch.Tensor, budget: Budget) -> TreeBatch:
