@@ -169,3 +169,15 @@ def test_seed_sweep_table():
     assert "| 0 | 0.400 | 0.500 | +0.100 (0.010) | 5.0 min | 1.10x |" in table
     assert "| 1 | 0.420 | 0.450 | +0.030 | 7.2 min | - |" in table
     assert "1 of 2 seeds gain >= 0.05; the slowest took 7.2 min" in table
+
+
+def test_default_seeds_cli_takes_overrides_after_its_options(monkeypatch, tmp_path):
+    """`fastgrpo-bench default-seeds --seeds 2 --out DIR rollout=ar` (overrides after the options,
+    as the README writes it) reaches the sweep with the seeds, folder and overrides."""
+    from fastgrpo.bench import seeds
+    from fastgrpo.cli import bench
+
+    calls = []
+    monkeypatch.setattr(seeds, "default_seeds", lambda *a, **k: calls.append(a) or {})
+    assert bench.main(["default-seeds", "--seeds", "2", "--out", str(tmp_path), "rollout=ar", "trainer.steps=5"]) == 0
+    assert calls == [([0, 1], tmp_path, ["rollout=ar", "trainer.steps=5"], 0.05)]

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--mlflow", action="store_true", help="log the results to MLflow (tracking defaults)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # overrides may follow options: default-seeds --seeds 3 rollout=ar
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.part in ("zero", "dp-aggregate"):
