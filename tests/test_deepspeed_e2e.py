@@ -20,7 +20,7 @@ TINY = [
     "warmup.steps=40", "warmup.batch_size=16", "warmup.lr=3e-3", "trainer.eval_size=8", "data.synthetic.num_train=200",
     "data.synthetic.num_test=16", "data.test_size=16", "rollout.max_new_tokens=16",
     "algo.prompts_per_step=2", "algo.group_size=4", "algo.kl_beta=0.04", "optim.lr=1e-3",
-    "checkpoint.every=2", "checkpoint.keep_last=5", "trainer.progress=false",
+    "checkpoint.every=2", "checkpoint.keep_last=5", "trainer.progress=false", "algo.dynamic_sampling=false",
 ]
 COMPARED = ("reward/mean", "train/loss", "train/kl", "train/grad_norm", "rollout/mean_response_len", "rollout/tokens")
 

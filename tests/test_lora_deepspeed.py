@@ -116,6 +116,7 @@ TINY = [
     "warmup.enabled=false", "trainer.eval_size=8", "data.synthetic.num_train=200", "data.synthetic.num_test=16",
     "data.test_size=16", "rollout.max_new_tokens=16", "algo.prompts_per_step=2", "algo.group_size=4",
     "algo.kl_beta=0.04", "optim.lr=3e-3", "checkpoint.every=2", "checkpoint.keep_last=5", "trainer.progress=false",
+    "algo.dynamic_sampling=false",
     "tracking.enabled=false",
     "reward.functions=[{name:accuracy,weight:1.0},{name:'example_rewards:row_len',weight:0.1}]",
 ]

@@ -242,7 +242,7 @@ def test_fastgrpo_train_backend_megatron_under_torchrun(tmp_path):
            "backend.megatron.tensor_parallel=2", "backend.ddp_backend=gloo", "trainer.steps=2", "warmup.steps=2",
            "warmup.batch_size=8", "trainer.eval_size=4", "data.synthetic.num_train=100", "data.synthetic.num_test=8",
            "data.test_size=8", "rollout.max_new_tokens=12", "algo.prompts_per_step=2", "algo.group_size=4",
-           "checkpoint.every=2", "trainer.progress=false", f"trainer.output_dir={tmp_path / 'run'}",
+           "checkpoint.every=2", "trainer.progress=false", "algo.dynamic_sampling=false", f"trainer.output_dir={tmp_path / 'run'}",
            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_location={tmp_path / 'art'}",
            f"model.preset_cache_dir={tmp_path / 'presets'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -202,7 +202,8 @@ TRAIN_ARGS = ["backend=megatron", "backend.megatron.pipeline_parallel=2", "backe
               "rollout.c_peak=64", "trainer.steps=3", "warmup.steps=2", "warmup.batch_size=8", "trainer.eval_size=4",
               "data.synthetic.num_train=100", "data.synthetic.num_test=8", "data.test_size=8",
               "rollout.max_new_tokens=12", "algo.prompts_per_step=2", "algo.group_size=4", "checkpoint.every=1",
-              "checkpoint.keep_last=3", "trainer.progress=false", "tracking.enabled=false"]
+              "checkpoint.keep_last=3", "trainer.progress=false", "tracking.enabled=false",
+              "algo.dynamic_sampling=false"]
 
 
 def _train(tmp_path: Path, run: str, *extra: str) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ import torch
 TINY_JOB = [
     "warmup.steps=20", "warmup.batch_size=16", "trainer.eval_size=16", "data.synthetic.num_test=16",
     "data.test_size=16", "rollout.max_new_tokens=48", "algo.prompts_per_step=4", "algo.group_size=8",
-    "algo.kl_beta=0.04", "trainer.progress=false", "backend.ddp_backend=gloo",
+    "algo.kl_beta=0.04", "trainer.progress=false", "backend.ddp_backend=gloo", "algo.dynamic_sampling=false",
 ]
 
 
