@@ -251,8 +251,8 @@ class GRPOTrainer:
             self._check_finite(update)
         t_update = time.perf_counter()
 
-        # The draft learns from every rollout (zero-reward ones too; or draft.max_sequences of them),
-        # on the hidden states that verification already computed: no extra target pass.
+        # On its steps the draft learns from the rollouts (zero-reward ones too; or draft.max_sequences
+        # of them), on the hidden states that verification already computed: no extra target pass.
         seqs = subsample(sequences_from_rollouts(rollouts), self.cfg.draft.max_sequences) if learn_draft else []
         draft_metrics = self.draft_learner.update(seqs) if learn_draft else {}
         if self.budget_policy is not None:  # the cost model's calibration (predicted / measured time)

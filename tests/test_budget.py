@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from fastgrpo.rollout.budget import AR_BUDGET, Budget, BudgetController, BudgetParams, compute_budget
 
@@ -82,12 +82,6 @@ def test_controller_single_process_caches_and_static():
         BudgetController.static(8, 0, 3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out_dir: str) -> None:
     import torch
 
@@ -142,7 +136,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_agree_on_c_peak_and_the_budget(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))
     assert r0["local"] == [16, 8, 4] and r1["local"] == [5, 4, 3]  # 160//10, 160//30
     assert r0["mean"] == r1["mean"] == [8, 7, 3]  # mean B = 20

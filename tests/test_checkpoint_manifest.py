@@ -7,14 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import compose_run_config
+from conftest import compose_run_config, free_port
 
 from fastgrpo.checkpoint import (
     META_FILE,
@@ -166,12 +165,6 @@ def test_load_errors_name_the_file(tmp_path):
 # ---- two gloo ranks: each hashes and verifies its share --------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, root: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -217,7 +210,7 @@ def _worker(rank: int, port: int, root: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_hash_and_verify_their_shares(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path / "ckpts")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path / "ckpts")), nprocs=2, join=True)
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["step_00000001", "step_00000002"]
 
 

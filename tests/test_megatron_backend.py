@@ -12,12 +12,10 @@ last stage) and has vocab 24: padded to 256 at TP=2, rank 1's whole vocab slice 
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import make_tiny_qwen2
+from conftest import free_port, make_tiny_qwen2
 
 from fastgrpo.backends.base import build_policy_batch
 from fastgrpo.config import AlgoConfig, MegatronConfig, OptimConfig
@@ -64,12 +62,6 @@ def _batches():
             for _ in range(2)]
     sft = build_policy_batch(rows(N_ROWS, 2, 6), rows(N_ROWS, 1, 8), 0)
     return grpo, sft
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, ref_dir: str, out_dir: str) -> None:
@@ -167,7 +159,7 @@ def _check_weights(got: dict, want: dict, what: str) -> None:
 def test_megatron_backend_matches_torch_backend(tmp_path):
     ref_dir = tmp_path / "reference"
     make_tiny_qwen2(vocab=VOCAB).save_pretrained(ref_dir)
-    mp.spawn(_worker, args=(2, _free_port(), str(ref_dir), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(ref_dir), str(tmp_path)), nprocs=2, join=True)
     expected = {u: _torch_expected(ref_dir, u) for u in (1, 2)}
     for name, (_, _, _, updates) in LAYOUTS.items():
         got, want = torch.load(tmp_path / f"{name}.pt", weights_only=False), expected[updates]

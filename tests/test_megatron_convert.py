@@ -9,11 +9,10 @@ TP2xPP2, and HF -> megatron shards -> HF must be bit-exact.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from megatron_ext.convert import hf_to_megatron_shard, megatron_shards_to_hf
 from megatron_ext.model import GPTArch, ShardLayout
@@ -131,12 +130,6 @@ def test_unsupported_configs_are_refused():
 # ------------------------------------------------------------------ real gloo groups
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _megatron_logits(model, ids: torch.Tensor) -> torch.Tensor | None:
     """Forward through megatron's pipeline schedule; full-vocab (padded) logits [B, S, V_pad] on
     the last stage, None elsewhere."""
@@ -234,12 +227,12 @@ def _check_layout(out_dir, tp: int, pp: int, hf_reference, explicit_mask: bool =
 @pytest.mark.slow
 def test_tp1_tp2_pp2_logits_match_hf_and_gather_round_trips(tmp_path, hf_reference):
     layouts = [(1, 1), (2, 1), (1, 2)]  # TP=1 runs as 2 data-parallel replicas
-    mp.spawn(_worker, args=(2, _free_port(), layouts, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), layouts, str(tmp_path)), nprocs=2, join=True)
     for tp, pp in layouts:
         _check_layout(tmp_path, tp, pp, hf_reference, explicit_mask=(tp, pp) == (1, 1))
 
 
 @pytest.mark.slow
 def test_tp2_pp2_logits_match_hf_and_gather_round_trips(tmp_path, hf_reference):
-    mp.spawn(_worker, args=(4, _free_port(), [(2, 2)], str(tmp_path)), nprocs=4, join=True)
+    mp.spawn(_worker, args=(4, free_port(), [(2, 2)], str(tmp_path)), nprocs=4, join=True)
     _check_layout(tmp_path, 2, 2, hf_reference)

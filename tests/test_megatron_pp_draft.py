@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import make_tiny_qwen2
+from conftest import free_port, make_tiny_qwen2
 from test_speculative import PROMPTS
 
 from fastgrpo.rollout import RolloutEngine, SamplingParams
@@ -42,12 +42,6 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=30)
 SAMPLED = SamplingParams(temperature=1.0, max_new_tokens=24)
 C_PEAK = 16  # N_verify = 16 // rows: trees of 4..16 nodes
 DRAFT_UPDATES = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Recorder:
@@ -146,7 +140,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("pp_draft")
-    mp.spawn(_worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out_dir)), nprocs=2, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -91,6 +91,18 @@ class _GroupIndex:
         self.extend(sid, tokens)
         return sid
 
+    def continuations(self, key: tuple[int, ...], depth: int, limit: int,
+                      skip: tuple[int, int] | None = None) -> list[list[int]]:
+        """Up to ``depth`` tokens after each of the ``limit`` most recent occurrences of ``key``
+        that have any (``skip``: the (sequence, end) of the row's own suffix)."""
+        out: list[list[int]] = []
+        for s, e in reversed(self.grams.get(key, ())):
+            if e + 1 < len(self.seqs[s]) and (s, e) != skip:
+                out.append(self.seqs[s][e + 1: e + 1 + depth])
+                if len(out) == limit:
+                    break
+        return out
+
     def extend(self, sid: int, tokens: list[int]) -> None:
         seq = self.seqs[sid]
         for t in tokens:
@@ -162,17 +174,9 @@ class SuffixProposer:
         conts: list[list[int]] = []
         for n in range(min(self.max_match, len(seq)), self.min_match - 1, -1):
             key = tuple(seq[end - n + 1:])
-            for s, e in reversed(g.grams.get(key, ())):  # the most recent matches
-                if e + 1 < len(g.seqs[s]) and not (s == sid and e == end):
-                    conts.append(g.seqs[s][e + 1: e + 1 + depth])
-                    if len(conts) == self.max_occurrences:
-                        break
+            conts = g.continuations(key, depth, self.max_occurrences, skip=(sid, end))
             if glob is not None and len(conts) < self.max_occurrences:
-                for s, e in reversed(glob.grams.get(key, ())):
-                    if e + 1 < len(glob.seqs[s]):
-                        conts.append(glob.seqs[s][e + 1: e + 1 + depth])
-                        if len(conts) == self.max_occurrences:
-                            break
+                conts += glob.continuations(key, depth, self.max_occurrences - len(conts))
             if conts:
                 break
         if not conts:
