@@ -167,6 +167,15 @@ def test_reward_that_hangs_is_timed_out():
     assert values(scorer(name, timeout_s=0.5).score(["ok"], ["7"])[0]) == [2.0]
 
 
+def test_slow_module_import_is_not_charged_to_the_time_limit():
+    # the worker imports the module while unpickling the call (1.5 s here, torch's import on a slow
+    # CI machine): only the call itself has the 0.5 s limit
+    shutdown_reward_worker()  # a fresh worker, which has not imported the module yet
+    name = "slow_import_rewards:row_len_slow_module"
+    total, comps = scorer(name, timeout_s=0.5).score(["ab", "abcd"], ["1", "2"])
+    assert values(total) == [2.0, 4.0] and values(comps[f"{name}/timeout"]) == [0.0, 0.0]
+
+
 def test_batched_reward_that_hangs_is_timed_out():
     name = f"{M}:trl_hangs"
     t0 = time.monotonic()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import logging
 import multiprocessing as mp
+import pickle
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -42,12 +43,19 @@ def worker_main(conn, preload: str | None = None) -> None:  # runs in the spawne
     conn.send(("ready", None))
     while True:
         try:
-            msg = conn.recv()
+            data = conn.recv_bytes()
         except (EOFError, OSError):
             return
+        try:
+            msg = pickle.loads(data)  # imports fn's module (torch, a test file...): may be slow
+        except BaseException as e:  # noqa: BLE001 - e.g. the module does not import here
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+            continue
         if msg is None:
             return
         fn, args = msg
+        # Say the call is loaded before running it, so an import is not charged to its time limit.
+        conn.send(("started", None))
         try:
             conn.send(("ok", fn(*args)))
         except BaseException as e:  # noqa: BLE001 - report everything to the parent
@@ -129,10 +137,22 @@ class IsolatedWorker:
                 return call_in_thread(fn, args, timeout_s, self.name)
             try:
                 self._conn.send((fn, args))
-                ready = self._conn.poll(timeout_s)
+                # The worker acknowledges once it has unpickled the call (imported fn's module):
+                # an import, however slow the machine, is not the call's time.
+                loaded = self._conn.recv() if self._conn.poll(STARTUP_TIMEOUT_S) else None
+                started = loaded is not None and loaded[0] == "started"
+                ready = started and self._conn.poll(timeout_s)
             except (OSError, EOFError) as e:  # the worker died under us
                 self._stop()
                 raise RuntimeError(f"{self.name} worker died: {e}") from e
+            if loaded is not None and not started:
+                raise RemoteError(loaded[1])
+            if not started:
+                self._proc.kill()
+                self._proc.join(timeout=5)
+                self._stop()
+                raise RuntimeError(f"{self.name} worker could not load {getattr(fn, '__qualname__', fn)!r} "
+                                   f"within {STARTUP_TIMEOUT_S:.0f} s")
             if not ready:
                 self._proc.kill()
                 self._proc.join(timeout=5)
