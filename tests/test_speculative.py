@@ -239,6 +239,44 @@ def test_draft_prefill_shared_by_a_prompt_group_equals_one_per_row(model, monkey
     assert torch.equal(grouped.cache.lengths, rows.cache.lengths)
 
 
+def test_draft_rows_dropped_mid_rollout_equal_a_draft_of_the_survivors(model):
+    """Rows finish between proposals (AR steps queue pending pairs, then rows drop, more steps,
+    then a proposal, twice): the proposals equal those of a draft that only ever had the rows
+    that survive, fed the same pairs."""
+    from fastgrpo.rollout.budget import Budget
+
+    draft = bad_draft(model, seed=5)
+    prompts = [[1, 2, 3, 4], [5, 6, 7], [8, 9], [1, 2, 3, 4], [10, 11, 2]]
+    keep = [0, 2, 4]
+    runner = HFTargetRunner(model, len(prompts), 48)
+    _, hidden = runner.prefill(prompts)
+    first = torch.tensor([3, 4, 5, 6, 7])
+    g = torch.Generator().manual_seed(3)
+    steps = [(torch.randn(5, 2, model.config.hidden_size, generator=g), torch.randint(1, model.config.vocab_size, (5, 2), generator=g),
+              torch.tensor([1, 2, 1, 2, 2])) for _ in range(4)]
+    budget = Budget(9, 3, 3)
+    full, only = EagleProposer(draft, 5, 48, 9), EagleProposer(draft, 3, 48, 9)
+    full.start(prompts, hidden, first)
+    only.start([prompts[i] for i in keep], hidden[keep], first[keep])
+    live = list(range(5))
+    for i, (h, tok, cnt) in enumerate(steps):
+        rows = [live.index(r) for r in keep]
+        full.observe(h[live], tok[live], cnt[live])
+        only.observe(h[keep], tok[keep], cnt[keep])
+        if i == 0:  # rows 1 and 3 finish; the draft of the survivors never saw them
+            full.drop_rows(torch.tensor([1, 3]))
+            live = keep
+        if i in (1, 3):
+            t1, t2 = full.propose(tok[live, 0], budget), only.propose(tok[keep, 0], budget)
+            assert rows == [0, 1, 2]
+            assert torch.equal(t1.tokens, t2.tokens) and torch.equal(t1.parent, t2.parent)
+            torch.testing.assert_close(t1.score, t2.score, atol=1e-5, rtol=1e-5)
+            # the proposal verified nothing: the next pairs are the roots' (one per row)
+            full.observe(h[live, :1], tok[live, :1], torch.ones(3, dtype=torch.long))
+            only.observe(h[keep, :1], tok[keep, :1], torch.ones(3, dtype=torch.long))
+    assert torch.equal(full.cache.lengths[:3], only.cache.lengths[:3])
+
+
 @pytest.mark.parametrize("kind", ["suffix", "hybrid"])
 @pytest.mark.parametrize("mode", ["fastgrpo", "cost_model"])
 def test_sibling_drafts_greedy_equal_ar(model, kind, mode):

@@ -29,6 +29,10 @@ class EagleProposer:
         self.pend_h = torch.zeros(max_batch, max_len, cfg.hidden_size, dtype=p.dtype, device=p.device)
         self.pend_tok = torch.zeros(max_batch, max_len, dtype=torch.long, device=p.device)
         self.pend_len = torch.zeros(max_batch, dtype=torch.long, device=p.device)
+        # Live row r's pending pairs live in buffer row slot[r]: dropping rows only compacts slot,
+        # never the buffers (an AR-heavy rollout's pending part grows to the whole response, and
+        # moving it at every drop cost more than the draft's own forwards).
+        self.slot = torch.arange(max_batch, device=p.device)
         self.rows = 0
 
     # ---- keeping in step with the target ---------------------------------------------------
@@ -41,6 +45,7 @@ class EagleProposer:
             self._start_grouped(prompts, unique, index, hidden, first_tokens)
             return
         b, width = len(prompts), hidden.shape[1]
+        self.slot = torch.arange(self.slot.numel(), device=self.slot.device)
         self.rows = self.cache.num_rows = b
         self.cache.lengths.zero_()
         lens = torch.tensor([len(p) for p in prompts], device=hidden.device)
@@ -59,6 +64,7 @@ class EagleProposer:
         first_row.scatter_(0, index.flip(0), torch.arange(b - 1, -1, -1))  # first row of each prompt
         ulens = torch.tensor([len(p) for p in unique], device=dev)
         width = int(ulens.max()) - 1
+        self.slot = torch.arange(self.slot.numel(), device=self.slot.device)
         self.rows = self.cache.num_rows = u
         self.cache.lengths.zero_()
         self.pend_h[:u, :width] = hidden[first_row.to(dev), :width]
@@ -76,24 +82,23 @@ class EagleProposer:
     def observe(self, hidden: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> None:
         """Queue (target hidden at each accepted node, the token emitted after it) per row."""
         b, n = tokens.shape
+        slots = self.slot[:b]
         if n == 1 and bool((counts == 1).all()):  # an AR step: one pair per row, no masking
-            rows = torch.arange(b, device=tokens.device)
-            pos = self.pend_len[:b]
-            self.pend_h[rows, pos] = hidden[:, 0].to(self.pend_h.dtype)
-            self.pend_tok[rows, pos] = tokens[:, 0]
-            self.pend_len[:b] += 1
+            pos = self.pend_len[slots]
+            self.pend_h[slots, pos] = hidden[:, 0].to(self.pend_h.dtype)
+            self.pend_tok[slots, pos] = tokens[:, 0]
+            self.pend_len[slots] += 1
             return
         j = torch.arange(n, device=tokens.device).unsqueeze(0)
         valid = j < counts.unsqueeze(1)
-        pos = (self.pend_len[:b].unsqueeze(1) + j).clamp(max=self.pend_h.shape[1] - 1)
-        rows = torch.arange(b, device=tokens.device).unsqueeze(1).expand(b, n)
+        pos = (self.pend_len[slots].unsqueeze(1) + j).clamp(max=self.pend_h.shape[1] - 1)
+        rows = slots.unsqueeze(1).expand(b, n)
         self.pend_h[rows[valid], pos[valid]] = hidden[valid].to(self.pend_h.dtype)
         self.pend_tok[rows[valid], pos[valid]] = tokens[valid]
-        self.pend_len[:b] += counts
+        self.pend_len[slots] += counts
 
     def drop_rows(self, rows: torch.Tensor) -> None:
-        n = int(self.pend_len[: self.rows].max()) if self.rows else 0  # the pending part only
-        self.rows = compact_rows(self.rows, rows, self.pend_h[:, :n], self.pend_tok[:, :n], self.pend_len)
+        self.rows = compact_rows(self.rows, rows, self.slot)
         self.cache.drop_rows(rows)
 
     def release(self) -> None:
@@ -105,15 +110,20 @@ class EagleProposer:
     def _catch_up(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed the pending pairs; returns the draft's (hidden, log-probs) at each row's last one."""
         b = self.rows
-        n = int(self.pend_len[:b].max())
-        counts = self.pend_len[:b].clone()
+        slots = self.slot[:b]
+        counts = self.pend_len[slots]
+        n = int(counts.max())
         causal = torch.ones(n, n, dtype=torch.bool, device=counts.device).tril().expand(b, n, n)
         offsets = torch.arange(n, device=counts.device).expand(b, n)
         mask = self.cache.attend(offsets, causal)
         positions = self.cache.lengths[:b].unsqueeze(1) + offsets
-        h, logits = self.draft(self.pend_h[:b, :n], self.pend_tok[:b, :n], positions, mask, self.cache)
+        if torch.equal(slots, torch.arange(b, device=slots.device)):
+            h_in, tok_in = self.pend_h[:b, :n], self.pend_tok[:b, :n]  # no row dropped yet: no gather
+        else:
+            h_in, tok_in = self.pend_h[slots, :n], self.pend_tok[slots, :n]
+        h, logits = self.draft(h_in, tok_in, positions, mask, self.cache)
         self.cache.commit(offsets, counts)  # keep the valid pairs; padded slots are dropped
-        self.pend_len[:b] = 0
+        self.pend_len[slots] = 0
         last = (counts - 1).clamp(min=0)
         rows = torch.arange(b, device=counts.device)
         return h[rows, last], logits[rows, last].float().log_softmax(-1)
