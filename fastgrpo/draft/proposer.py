@@ -40,12 +40,12 @@ class EagleProposer:
         """Pending pairs for every prompt position: (h_i, x_{i+1}), the last one's token being the
         first sampled token (the first root). Rows that share a prompt (GRPO's G samples) share
         the draft's prefill of its pairs but the last: computed once, then the KV is copied."""
+        self.slot = torch.arange(self.slot.numel(), device=self.slot.device)  # a fresh rollout: no row dropped
         unique, index = group_prompts(prompts)
         if len(unique) < len(prompts) and min(len(p) for p in unique) > 1:
             self._start_grouped(prompts, unique, index, hidden, first_tokens)
             return
         b, width = len(prompts), hidden.shape[1]
-        self.slot = torch.arange(self.slot.numel(), device=self.slot.device)
         self.rows = self.cache.num_rows = b
         self.cache.lengths.zero_()
         lens = torch.tensor([len(p) for p in prompts], device=hidden.device)
@@ -64,7 +64,6 @@ class EagleProposer:
         first_row.scatter_(0, index.flip(0), torch.arange(b - 1, -1, -1))  # first row of each prompt
         ulens = torch.tensor([len(p) for p in unique], device=dev)
         width = int(ulens.max()) - 1
-        self.slot = torch.arange(self.slot.numel(), device=self.slot.device)
         self.rows = self.cache.num_rows = u
         self.cache.lengths.zero_()
         self.pend_h[:u, :width] = hidden[first_row.to(dev), :width]
@@ -117,11 +116,7 @@ class EagleProposer:
         offsets = torch.arange(n, device=counts.device).expand(b, n)
         mask = self.cache.attend(offsets, causal)
         positions = self.cache.lengths[:b].unsqueeze(1) + offsets
-        if torch.equal(slots, torch.arange(b, device=slots.device)):
-            h_in, tok_in = self.pend_h[:b, :n], self.pend_tok[:b, :n]  # no row dropped yet: no gather
-        else:
-            h_in, tok_in = self.pend_h[slots, :n], self.pend_tok[slots, :n]
-        h, logits = self.draft(h_in, tok_in, positions, mask, self.cache)
+        h, logits = self.draft(self.pend_h[slots, :n], self.pend_tok[slots, :n], positions, mask, self.cache)
         self.cache.commit(offsets, counts)  # keep the valid pairs; padded slots are dropped
         self.pend_len[slots] = 0
         last = (counts - 1).clamp(min=0)

@@ -123,6 +123,12 @@ class IsolatedWorker:
                 proc.kill()
                 proc.join(timeout=5)
 
+    def _kill(self) -> None:
+        """Kill a worker stuck in a call or an import; the next call starts a fresh one."""
+        self._proc.kill()
+        self._proc.join(timeout=5)
+        self._stop()
+
     def shutdown(self) -> None:
         with self._lock:
             self._stop()
@@ -148,15 +154,11 @@ class IsolatedWorker:
             if loaded is not None and not started:
                 raise RemoteError(loaded[1])
             if not started:
-                self._proc.kill()
-                self._proc.join(timeout=5)
-                self._stop()
+                self._kill()
                 raise RuntimeError(f"{self.name} worker could not load {getattr(fn, '__qualname__', fn)!r} "
                                    f"within {STARTUP_TIMEOUT_S:.0f} s")
             if not ready:
-                self._proc.kill()
-                self._proc.join(timeout=5)
-                self._stop()
+                self._kill()
                 raise TimeoutError(f"call timed out after {timeout_s} s")
             try:
                 status, value = self._conn.recv()
