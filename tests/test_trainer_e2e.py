@@ -373,7 +373,13 @@ def test_cost_model_resume_reproduces_rollouts_and_draft(tmp_path):
     prior = AcceptanceModel(max_depth=resumed.budget_policy.acceptance.max_depth).tot.sum()
     seen = saved["acceptance"]["tot"].sum() - prior
     assert seen > 0  # verified nodes were counted before the checkpoint
-    assert resumed.budget_policy.acceptance.tot.sum() > saved["acceptance"]["tot"].sum()
+    # The resumed policy started from the saved counts (every bin at least as full; no decay at
+    # these counts), and counted more wherever its steps verified trees. Whether steps 3-4 verified
+    # any is timing (on a busy machine the cost model may play AR throughout), like spec_steps above.
+    grown = resumed.budget_policy.acceptance.tot - saved["acceptance"]["tot"]
+    assert bool((grown >= 0).all()), grown
+    if sum(again[s]["rollout/cost_model_spec_steps"] for s in (3, 4)) > 0:
+        assert grown.sum() > 0
 
 
 def test_draft_update_every_thins_updates_and_feature_capture(tmp_path):
