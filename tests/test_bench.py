@@ -27,6 +27,11 @@ def test_compare_modes_schema_and_plot(tmp_path):
         assert FIELDS <= set(res[m]) and len(res[m]["tokens_per_s_runs"]) == 2
     assert res["ar"]["speedup_vs_ar"] == 1.0 and res["ar"]["mean_accepted_len"] == 1.0
     assert res["static"]["ar_step_frac"] == 0.0 and res["static"]["mean_tree_size"] > 2  # a fixed tree every step
+    assert res["static"]["spec_steps"] == res["static"]["steps"] > 0 and res["ar"]["spec_steps"] == 0
+    assert all(res[m]["outside_steps_ms"] > 0 for m in MODES)  # a prefill at least
+    rates = res["cost_model"]["arm_rates"]
+    assert rates["arms"][0] == "ar" and {len(v) for v in rates["by_log2_rows"].values()} == {len(rates["arms"])}
+    assert "1" in rates["by_log2_rows"] and rates["by_log2_rows"]["1"][0] > 0  # 3 rows: bucket 1, AR measured
     result = {"c_peak": 16, "modes": {m: {"by_batch_size": {"3": res[m]}} for m in res}}
     png = plot_speedup(result, tmp_path / "speedup.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

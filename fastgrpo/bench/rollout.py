@@ -86,7 +86,11 @@ def _measure(gen, prompts, params, seed: int) -> dict:
            "ar_step_frac": sum(s.n_verify == 1 for s in steps) / max(len(steps), 1),
            "draft_ms_per_spec_step": 1e3 * sum(s.draft_time_s for s in spec) / n_spec,
            "verify_ms_per_spec_step": 1e3 * sum(s.verify_time_s for s in spec) / n_spec,
-           "ms_per_step": 1e3 * sum(s.draft_time_s + s.verify_time_s for s in steps) / max(len(steps), 1)}
+           "ms_per_step": 1e3 * sum(s.draft_time_s + s.verify_time_s for s in steps) / max(len(steps), 1),
+           # prefill, the draft's prompt catch-up, row drops, the engine's bookkeeping: what a
+           # speculative mode pays on top of AR outside its steps
+           "outside_steps_ms": 1e3 * (dt - sum(s.draft_time_s + s.verify_time_s for s in steps)),
+           "steps": len(steps), "spec_steps": len(spec)}
     ceiling = policy.ceiling_speedup(out) if hasattr(policy, "ceiling_speedup") else None
     if ceiling is not None:  # every step on the arm that measured best at its concurrency
         res["ceiling_vs_ar"] = ceiling
@@ -155,6 +159,12 @@ def compare_modes(model, draft, prompts, params, c_peak: int, repeats: int = 3, 
         keys = [k for k in runs[m][0] if k not in ("time_s", "tokens")]
         out[m] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps,
                   **{k: statistics.median(x[k] for x in runs[m]) for k in keys}}
+        rates = getattr(getattr(gens[m].mode, "controller", None), "rates", None)
+        if rates:  # the cost model's measured tokens/s per arm and log2(rows) bucket (-1: never played)
+            pol = gens[m].mode.controller
+            out[m]["arm_rates"] = {"arms": [list(a) if a else "ar" for a in pol.arms],
+                                   "by_log2_rows": {str(k): [round(r, 1) if r is not None else -1 for r in v]
+                                                    for k, v in sorted(rates.items())}}
     if hf_runs:
         tps = [x["tokens"] / x["time_s"] for x in hf_runs]
         out["hf_generate"] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps}
@@ -168,11 +178,17 @@ def compare_modes(model, draft, prompts, params, c_peak: int, repeats: int = 3, 
 
 
 def _line(res: dict) -> str:
-    return "  ".join(f"{m} {r['tokens_per_s']:.0f} tok/s ({r['speedup_vs_ar']:.2f}x"
-                     + (f", acc {r['mean_accepted_len']:.2f}, T {r['mean_tree_size']:.1f}"
-                        + (f", ceiling {r['ceiling_vs_ar']:.2f}x" if r.get("ceiling_vs_ar") else "") + ")"
-                        if m in SPECULATIVE else ")")
-                     for m, r in res.items())
+    parts = []
+    for m, r in res.items():
+        extra = [f"{r['speedup_vs_ar']:.2f}x"]
+        if m in SPECULATIVE:
+            extra += [f"acc {r['mean_accepted_len']:.2f}", f"T {r['mean_tree_size']:.1f}"]
+            if r.get("ceiling_vs_ar"):
+                extra.append(f"ceiling {r['ceiling_vs_ar']:.2f}x")
+        if "outside_steps_ms" in r:
+            extra.append(f"outside steps {r['outside_steps_ms']:.0f} ms")
+        parts.append(f"{m} {r['tokens_per_s']:.0f} tok/s ({', '.join(extra)})")
+    return "  ".join(parts)
 
 
 def bench_rollout(model, draft, tok, prompts_pool, c_peak: int, batch_sizes=(1, 2, 4, 8, 16, 32, 64),
