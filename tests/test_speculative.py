@@ -239,6 +239,26 @@ def test_draft_prefill_shared_by_a_prompt_group_equals_one_per_row(model, monkey
     assert torch.equal(grouped.cache.lengths, rows.cache.lengths)
 
 
+def test_draft_catch_up_root_logprobs_equal_a_full_draft_forward(model):
+    """The catch-up computes the head only at each row's last pending pair (the root): its
+    log-probs equal an uncached causal forward of the draft over the row's whole prompt."""
+    draft = bad_draft(model, seed=6)
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    runner = HFTargetRunner(model, len(prompts), 32)
+    _, hidden = runner.prefill(prompts)
+    first = torch.tensor([3, 4, 5])
+    prop = EagleProposer(draft, len(prompts), 32, 9)
+    prop.start(prompts, hidden, first)
+    h_root, logp = prop._catch_up()
+    for i, p in enumerate(prompts):
+        n = len(p)
+        toks = torch.tensor([p[1:] + [int(first[i])]])
+        with torch.no_grad():
+            h, logits = draft(hidden[i: i + 1, :n], toks, torch.arange(n).unsqueeze(0))
+        torch.testing.assert_close(h_root[i], h[0, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logp[i], logits[0, -1].log_softmax(-1), atol=1e-5, rtol=1e-5)
+
+
 def test_draft_rows_dropped_mid_rollout_equal_a_draft_of_the_survivors(model):
     """Rows finish between proposals (AR steps queue pending pairs, then rows drop, more steps,
     then a proposal, twice): the proposals equal those of a draft that only ever had the rows

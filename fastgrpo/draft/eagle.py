@@ -54,10 +54,10 @@ class EagleDraft(nn.Module):
         return self._frozen[1]
 
     def forward(self, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                mask: torch.Tensor | None = None, cache: RaggedKVCache | None = None):
+                mask: torch.Tensor | None = None, cache: RaggedKVCache | None = None, with_logits: bool = True):
         """hidden[B,T,H] (target state at position t), tokens[B,T] (token t+1), positions[B,T]
-        -> (predicted hidden at t+1 [B,T,H], logits [B,T,V]). ``mask`` is a boolean [B,T,S]
-        (None: causal over T, for training on whole sequences)."""
+        -> (predicted hidden at t+1 [B,T,H], logits [B,T,V] or None without ``with_logits``).
+        ``mask`` is a boolean [B,T,S] (None: causal over T, for training on whole sequences)."""
         with torch.no_grad():
             emb = self.embed_tokens(tokens)
         x = self.fc(torch.cat([emb.to(hidden.dtype), hidden], dim=-1))
@@ -68,11 +68,14 @@ class EagleDraft(nn.Module):
                        cache=cache, use_cache=cache is not None,
                        position_embeddings=self.rotary(x, positions))
         h = self.norm(x)
-        # The head is the policy's: its weight must get no gradient from the draft loss (it would
-        # leak into the next policy update). Gradients still flow to h.
+        return h, (self.logits(h) if with_logits else None)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The policy's head on predicted hidden states. Its weight must get no gradient from the
+        draft loss (it would leak into the next policy update); gradients still flow to h."""
         head = self.lm_head
         bias = None if getattr(head, "bias", None) is None else head.bias.detach()
-        return h, F.linear(h, head.weight.detach(), bias)
+        return F.linear(h, head.weight.detach(), bias)
 
     def check_compatible(self, target: nn.Module) -> None:
         tc = target.config

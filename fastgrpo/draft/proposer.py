@@ -116,12 +116,15 @@ class EagleProposer:
         offsets = torch.arange(n, device=counts.device).expand(b, n)
         mask = self.cache.attend(offsets, causal)
         positions = self.cache.lengths[:b].unsqueeze(1) + offsets
-        h, logits = self.draft(self.pend_h[slots, :n], self.pend_tok[slots, :n], positions, mask, self.cache)
+        # Logits only at each row's last pair (the root's children): the head is the policy's
+        # vocabulary-sized one, as costly as the draft layer at 100k+ vocabularies.
+        h, _ = self.draft(self.pend_h[slots, :n], self.pend_tok[slots, :n], positions, mask, self.cache,
+                          with_logits=False)
         self.cache.commit(offsets, counts)  # keep the valid pairs; padded slots are dropped
         self.pend_len[slots] = 0
         last = (counts - 1).clamp(min=0)
-        rows = torch.arange(b, device=counts.device)
-        return h[rows, last], logits[rows, last].float().log_softmax(-1)
+        h_root = h[torch.arange(b, device=counts.device), last]
+        return h_root, self.draft.logits(h_root).float().log_softmax(-1)
 
     @torch.no_grad()
     def propose(self, roots: torch.Tensor, budget: Budget) -> TreeBatch:
