@@ -171,3 +171,65 @@ def test_a_shape_that_lost_with_fewer_rows_is_not_tried_with_more():
     picks = _play(pol, 32, [20.0, 8.0] + [5.0] * (arms - 2), 6)
     assert picks[:2] == [0, 1] and set(picks) == {0, 1}
     assert abs(pol.rates[5][2] - pol.rates[5][0] * 0.5) < 1e-9  # 20 x (5 / 10)
+
+
+def _spec_step(pol, b, accepted, seconds):
+    """One speculative step of the policy's current arm: ``accepted[r]`` tokens for row r (root
+    included; >= 2 means the first drafted node was accepted), measured to take ``seconds``."""
+    pol._draft_s = 0.0
+    path_len = torch.tensor(accepted)
+    path = torch.zeros(b, int(path_len.max()), dtype=torch.long)
+    pol.observe(_random_tree(b=b, k=2), path, path_len, b, verify_s=seconds)
+
+
+def _rate_every_arm(pol, b, ar_s, tree_s, accepted):
+    """Try every arm once at ``b`` rows: AR steps take ``ar_s``, draft shapes ``tree_s``."""
+    for _ in pol.arms:
+        if pol.budget(b).speculative:
+            _spec_step(pol, b, accepted, tree_s)
+        else:
+            pol.observe(None, None, None, b, verify_s=ar_s)
+
+
+def _learn_draft(pol, b, steps, accepted):
+    """Steps at ``b`` rows where every drafted tree gets ``accepted`` tokens per row."""
+    for _ in range(steps):
+        if pol.budget(b).speculative:
+            _spec_step(pol, b, [accepted] * b, 1.0)
+        else:
+            pol.observe(None, None, None, b, verify_s=1.0)
+
+
+def test_a_shape_rated_with_an_early_draft_is_read_at_the_draft_it_has_now():
+    pol = CostModelPolicy(CostModelParams(t_max=8, k_max=4, l_max=3, probe_every=1000), target=LatencyCurve())
+    # 8 rows: AR 10 tok/s; every draft shape 8 tok/s (half the rows accept the first node: 1.5
+    # tokens a row in 1.5 s), far enough behind AR that it is not replayed.
+    _rate_every_arm(pol, 8, 0.8, 1.5, [2, 1] * 4)
+    assert pol.alpha == 0.5 and not pol.budget(8).speculative
+    # The draft learns (2 rows elsewhere accept every first node): alpha rises towards 1.
+    _learn_draft(pol, 2, 60, 2)
+    assert pol.alpha > 0.95
+    # Read at today's draft: 8 x (1 + 0.5 x alpha / 0.5) / 1.5 > 10: the widest shape wins now.
+    rates = pol.current_rates(3)
+    assert rates[0] == pol.rates[3][0] == 10.0
+    assert abs(rates[1] - 8.0 * (1 + 0.5 * pol.alpha / 0.5) / 1.5) < 1e-9 and rates[1] > 10.0
+    assert pol.budget(8).speculative and pol._arm == 1
+    # Its next measurement is blended into the rate read at today's draft, then re-based.
+    _spec_step(pol, 8, [2] * 8, 1.5)  # 16 tokens in 1.5 s (alpha moves first)
+    old = 8.0 * (1 + pol.alpha) / 1.5
+    assert abs(pol.rates[3][1] - (old + 0.25 * (16 / 1.5 - old))) < 1e-9
+    assert abs(pol.current_rates(3)[1] - pol.rates[3][1]) < 1e-9
+    again = CostModelPolicy(CostModelParams(t_max=8, k_max=4, l_max=3, probe_every=1000), target=LatencyCurve())
+    again.load_state_dict(pol.state_dict())
+    assert again.current_rates(3) == pol.current_rates(3) and again.alpha == pol.alpha
+
+
+def test_a_shape_rated_when_the_draft_accepted_nothing_is_tried_again_once_it_does():
+    pol = CostModelPolicy(CostModelParams(t_max=8, k_max=4, l_max=3, probe_every=1000), target=LatencyCurve())
+    _rate_every_arm(pol, 8, 0.8, 1.5, [1] * 8)  # a fresh draft: no first node accepted
+    assert pol.alpha == 0.0 and pol.current_rates(3) == pol.rates[3]
+    assert not pol.budget(8).speculative
+    _learn_draft(pol, 2, 20, 2)
+    assert pol.alpha >= 0.1
+    assert pol.current_rates(3)[1:] == [None] * (len(pol.arms) - 1)
+    assert pol.budget(8).speculative and pol._arm == 1  # re-measured, not scaled from nothing

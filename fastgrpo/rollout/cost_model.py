@@ -31,6 +31,9 @@ import torch
 
 from fastgrpo.rollout.budget import AR_BUDGET, Budget
 
+# Below this first-node acceptance a draft shape's measured rate is not rescaled by the draft's
+# progress (CostModelPolicy.current_rates): it is re-measured once the draft is useful.
+MIN_ALPHA = 0.05
 # Draft-probability bin edges: fine near 1, where confident drafts live.
 PROB_EDGES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001)
 
@@ -205,8 +208,12 @@ class CostModelPolicy:
     measured tokens per second (EMA over its steps) in this concurrency bucket (log2 of the live
     rows), every arm tried once per bucket and the least recently tried one replayed every
     ``probe_every`` steps when its rate was within 10% of the best, every 8 x ``probe_every``
-    otherwise (the draft learns; a stale estimate must not lock it out, nor replays cost much). After drafting,
-    how many nodes to verify: the latency curve and the acceptance model predict
+    otherwise (a replay costs a slow step). A draft shape's rate is read through the draft's
+    progress since it was measured: its extra tokens per row (beyond the root) scale with alpha,
+    the rate at which verification accepts the draft's first node (EMA over every speculative
+    step, at every concurrency). The draft learns online, and a rate measured with an early
+    draft would otherwise lock a shape out until a rare replay. After drafting, how many nodes
+    to verify: the latency curve and the acceptance model predict
     rate(T) = E[tokens | T] / (draft time + c(B*T)) and the best T is kept (``prune_tree``)."""
 
     def __init__(self, params: CostModelParams = CostModelParams(), target: LatencyCurve | None = None,
@@ -221,6 +228,9 @@ class CostModelPolicy:
         self.played: dict[int, list[int]] = {}  # bucket -> step count when each arm last ran
         self.steps: dict[int, int] = {}
         self.arm_stats: dict[int, tuple[float, float]] = {}  # arm -> (tokens per row, tree size), EMA
+        # bucket -> per arm (tokens per row there, alpha) when its rate was last measured or estimated
+        self.rate_basis: dict[int, list[tuple[float, float] | None]] = {}
+        self.alpha: float | None = None  # share of rows whose first drafted node is accepted (EMA)
         self._arm = 0
         self._bucket = 0
         self._draft_s = 0.0
@@ -235,12 +245,31 @@ class CostModelPolicy:
     def any_rank_active(self) -> bool:
         return False
 
+    def current_rates(self, bucket: int) -> list[float | None]:
+        """The bucket's rates at today's draft: a draft shape rated at tokens-per-row n when the
+        first-node acceptance was alpha0 is read as rate x (1 + (n - 1) alpha / alpha0) / n. One
+        rated when the draft accepted almost nothing (alpha0 < MIN_ALPHA) says nothing about
+        today's once alpha has reached 2 x MIN_ALPHA: unknown, so it is tried again."""
+        rates, basis = self.rates.get(bucket, []), self.rate_basis.get(bucket, [])
+        out = list(rates)
+        for i, r in enumerate(rates):
+            then = basis[i] if i < len(basis) else None
+            if not i or r is None or then is None or self.alpha is None:
+                continue
+            n, alpha0 = then
+            if alpha0 >= MIN_ALPHA:
+                out[i] = r * (1 + (n - 1) * self.alpha / alpha0) / n
+            elif self.alpha >= 2 * MIN_ALPHA:
+                out[i] = None
+        return out
+
     def _pick_arm(self, bucket: int) -> int:
-        rates = self.rates.setdefault(bucket, [None] * len(self.arms))
+        measured = self.rates.setdefault(bucket, [None] * len(self.arms))
         played = self.played.setdefault(bucket, [-1] * len(self.arms))
         step = self.steps[bucket] = self.steps.get(bucket, 0) + 1
-        if rates[0] is not None:
-            self._estimate_untried(bucket, rates)
+        if measured[0] is not None:
+            self._estimate_untried(bucket, measured)
+        rates = self.current_rates(bucket)
         untried = [i for i, r in enumerate(rates) if r is None]
         if untried:
             arm = untried[0]
@@ -265,10 +294,11 @@ class CostModelPolicy:
             if rates[i] is not None:
                 continue
             for j in range(bucket - 1, -1, -1):
-                lower = self.rates.get(j)
+                lower = self.current_rates(j)
                 if lower and lower[0] and lower[i] is not None:
                     if lower[i] < lower[0]:
                         rates[i] = rates[0] * lower[i] / lower[0]
+                        self._rebase(bucket, i)
                     break
             shape, seen = self.arms[i], self.arm_stats.get(i)
             if rates[i] is None and seen is not None and self.draft.known and self.target.known:
@@ -277,6 +307,21 @@ class CostModelPolicy:
                 predicted = b * per_row / max(step, 1e-9)
                 if predicted < 0.9 * rates[0]:
                     rates[i] = predicted
+                    self._rebase(bucket, i)
+
+    def _rebase(self, bucket: int, arm: int, per_row: float | None = None) -> None:
+        """The basis of the bucket's (new) rate of ``arm``: its tokens per row there (the
+        measured ``per_row`` EMA'd into the previous basis read at today's alpha; without one,
+        the shape's over every concurrency) and today's alpha."""
+        basis = self.rate_basis.setdefault(bucket, [None] * len(self.arms))
+        prev = basis[arm]
+        if per_row is None:
+            seen = self.arm_stats.get(arm)
+            per_row = seen[0] if seen else None
+        elif prev is not None and prev[1] >= MIN_ALPHA and self.alpha is not None:
+            n_now = 1 + (prev[0] - 1) * self.alpha / prev[1]
+            per_row = n_now + 0.25 * (per_row - n_now)
+        basis[arm] = None if per_row is None or self.alpha is None else (per_row, self.alpha)
 
     def budget(self, b: int) -> Budget:
         """Before drafting: AR, or a draft shape with an upper bound on the tree (``choose_tree``
@@ -313,16 +358,21 @@ class CostModelPolicy:
         t = 1 if tree is None else tree.size
         tokens = b if tree is None else int(path_len.sum())
         draft_s = 0.0 if tree is None else self._draft_s
-        rates = self.rates.get(self._bucket)
-        if rates is not None:
-            r = tokens / max(draft_s + verify_s, 1e-9)
-            old = rates[self._arm]
-            rates[self._arm] = r if old is None else old + 0.25 * (r - old)
         if tree is not None:  # this shape's tokens per row and tree size, for other concurrencies
             per_row, size = tokens / b, float(t)
+            if t > 1:
+                first = float((path_len >= 2).float().mean())
+                self.alpha = first if self.alpha is None else self.alpha + 0.1 * (first - self.alpha)
             prev = self.arm_stats.get(self._arm)
             self.arm_stats[self._arm] = (per_row, size) if prev is None else \
                 (prev[0] + 0.25 * (per_row - prev[0]), prev[1] + 0.25 * (size - prev[1]))
+        rates = self.rates.get(self._bucket)
+        if rates is not None:
+            r = tokens / max(draft_s + verify_s, 1e-9)
+            old = self.current_rates(self._bucket)[self._arm]  # the stale rate read at today's draft
+            rates[self._arm] = r if old is None else old + 0.25 * (r - old)
+            if self._arm:
+                self._rebase(self._bucket, self._arm, tokens / b)
         self.target.update(b * t, verify_s)
         pred = self.last_prediction if tree is not None else None
         predicted = pred["verify_s"] if pred else self.target.predict(b * t)
@@ -362,7 +412,9 @@ class CostModelPolicy:
     def state_dict(self) -> dict:
         return {"target": self.target.state_dict(), "draft": self.draft.state_dict(),
                 "acceptance": self.acceptance.state_dict(),
-                "rates": {str(k): [-1.0 if r is None else r for r in v] for k, v in self.rates.items()}}
+                "rates": {str(k): [-1.0 if r is None else r for r in v] for k, v in self.rates.items()},
+                "rate_basis": {str(k): [None if r is None else list(r) for r in v] for k, v in self.rate_basis.items()},
+                "arm_stats": {str(k): list(v) for k, v in self.arm_stats.items()}, "alpha": self.alpha}
 
     def load_state_dict(self, s: dict) -> None:
         self.target.load_state_dict(s["target"])
@@ -370,6 +422,11 @@ class CostModelPolicy:
         self.acceptance.load_state_dict(s["acceptance"])
         self.rates = {int(k): [None if r < 0 else r for r in v] for k, v in s.get("rates", {}).items()}
         self.played = {k: [-1] * len(v) for k, v in self.rates.items()}
+        # (absent from checkpoints before the draft-progress scaling: rates are then read as measured)
+        self.rate_basis = {int(k): [None if r is None else (float(r[0]), float(r[1])) for r in v]
+                           for k, v in s.get("rate_basis", {}).items()}
+        self.arm_stats = {int(k): (float(v[0]), float(v[1])) for k, v in s.get("arm_stats", {}).items()}
+        self.alpha = s.get("alpha")
 
 
 def ar_rollout_seconds(rollouts, target: LatencyCurve) -> float:
