@@ -184,7 +184,9 @@ def test_lora_reference_logprobs_are_the_base_models(straight):
     batch = build_policy_batch([[1, 5, 7], [2, 3]], [[9, 4, 8, 6], [10, 11]], 0, torch.tensor([1.0, -1.0]))
     with torch.no_grad():
         ref = trainer.backend._reference_logprobs(batch)
-        want = response_logprobs(base.train(), batch)
+        # at the rollout temperature the trainer's log-probs are taken at (the default's 0.6)
+        want = response_logprobs(base.train(), batch, trainer.backend.temperature)
+    assert trainer.backend.temperature == trainer.cfg.rollout.temperature
     assert torch.equal(ref, want)
 
 
