@@ -107,8 +107,18 @@ def test_policy_picks_the_tree_size_with_most_tokens_per_second():
     assert pol2.choose_tree(_random_tree(b=1), b=1, draft_s=0.2).size == 1
 
 
-def _play(pol, b, rates_by_arm, steps):
-    """Run the policy's pre-draft decision ``steps`` times; each arm 'measures' its given rate."""
+def _spec_step(pol, b, accepted, seconds):
+    """One speculative step of the policy's current arm: ``accepted[r]`` tokens for row r (root
+    included; >= 2 means the first drafted node was accepted), measured to take ``seconds``."""
+    pol._draft_s = 0.0
+    path_len = torch.tensor(accepted)
+    path = torch.zeros(b, int(path_len.max()), dtype=torch.long)
+    pol.observe(_random_tree(b=b, k=2), path, path_len, b, verify_s=seconds)
+
+
+def _play(pol, b, rates_by_arm, steps, accepted=None):
+    """Run the policy's pre-draft decision ``steps`` times; each arm 'measures' its given rate.
+    Draft shapes' trees get ``accepted[r]`` tokens in row r (default 2 a row: every first node)."""
     picks = []
     for _ in range(steps):
         budget = pol.budget(b)
@@ -116,11 +126,8 @@ def _play(pol, b, rates_by_arm, steps):
         picks.append(arm)
         r = rates_by_arm[arm]
         if budget.speculative:
-            pol._draft_s = 0.0
-            tree = _random_tree(b=b, k=2)
-            path_len = torch.full((b,), 2)
-            path = torch.zeros(b, 2, dtype=torch.long)
-            pol.observe(tree, path, path_len, b, verify_s=2 * b / r)
+            tokens = accepted or [2] * b
+            _spec_step(pol, b, tokens, sum(tokens) / r)
         else:
             pol.observe(None, None, None, b, verify_s=b / r)
     return picks
@@ -173,41 +180,16 @@ def test_a_shape_that_lost_with_fewer_rows_is_not_tried_with_more():
     assert abs(pol.rates[5][2] - pol.rates[5][0] * 0.5) < 1e-9  # 20 x (5 / 10)
 
 
-def _spec_step(pol, b, accepted, seconds):
-    """One speculative step of the policy's current arm: ``accepted[r]`` tokens for row r (root
-    included; >= 2 means the first drafted node was accepted), measured to take ``seconds``."""
-    pol._draft_s = 0.0
-    path_len = torch.tensor(accepted)
-    path = torch.zeros(b, int(path_len.max()), dtype=torch.long)
-    pol.observe(_random_tree(b=b, k=2), path, path_len, b, verify_s=seconds)
-
-
-def _rate_every_arm(pol, b, ar_s, tree_s, accepted):
-    """Try every arm once at ``b`` rows: AR steps take ``ar_s``, draft shapes ``tree_s``."""
-    for _ in pol.arms:
-        if pol.budget(b).speculative:
-            _spec_step(pol, b, accepted, tree_s)
-        else:
-            pol.observe(None, None, None, b, verify_s=ar_s)
-
-
-def _learn_draft(pol, b, steps, accepted):
-    """Steps at ``b`` rows where every drafted tree gets ``accepted`` tokens per row."""
-    for _ in range(steps):
-        if pol.budget(b).speculative:
-            _spec_step(pol, b, [accepted] * b, 1.0)
-        else:
-            pol.observe(None, None, None, b, verify_s=1.0)
-
 
 def test_a_shape_rated_with_an_early_draft_is_read_at_the_draft_it_has_now():
     pol = CostModelPolicy(CostModelParams(t_max=8, k_max=4, l_max=3, probe_every=1000), target=LatencyCurve())
     # 8 rows: AR 10 tok/s; every draft shape 8 tok/s (half the rows accept the first node: 1.5
     # tokens a row in 1.5 s), far enough behind AR that it is not replayed.
-    _rate_every_arm(pol, 8, 0.8, 1.5, [2, 1] * 4)
+    arms = len(pol.arms)
+    _play(pol, 8, [10.0] + [8.0] * (arms - 1), arms, accepted=[2, 1] * 4)
     assert pol.alpha == 0.5 and not pol.budget(8).speculative
     # The draft learns (2 rows elsewhere accept every first node): alpha rises towards 1.
-    _learn_draft(pol, 2, 60, 2)
+    _play(pol, 2, [1.0] + [2.0] * (arms - 1), 60)
     assert pol.alpha > 0.95
     # Read at today's draft: 8 x (1 + 0.5 x alpha / 0.5) / 1.5 > 10: the widest shape wins now.
     rates = pol.current_rates(3)
@@ -226,10 +208,11 @@ def test_a_shape_rated_with_an_early_draft_is_read_at_the_draft_it_has_now():
 
 def test_a_shape_rated_when_the_draft_accepted_nothing_is_tried_again_once_it_does():
     pol = CostModelPolicy(CostModelParams(t_max=8, k_max=4, l_max=3, probe_every=1000), target=LatencyCurve())
-    _rate_every_arm(pol, 8, 0.8, 1.5, [1] * 8)  # a fresh draft: no first node accepted
+    arms = len(pol.arms)
+    _play(pol, 8, [10.0] + [5.0] * (arms - 1), arms, accepted=[1] * 8)  # a fresh draft: no first node accepted
     assert pol.alpha == 0.0 and pol.current_rates(3) == pol.rates[3]
     assert not pol.budget(8).speculative
-    _learn_draft(pol, 2, 20, 2)
+    _play(pol, 2, [1.0] + [2.0] * (arms - 1), 20)
     assert pol.alpha >= 0.1
-    assert pol.current_rates(3)[1:] == [None] * (len(pol.arms) - 1)
+    assert pol.current_rates(3)[1:] == [None] * (arms - 1)
     assert pol.budget(8).speculative and pol._arm == 1  # re-measured, not scaled from nothing

@@ -70,7 +70,7 @@ def history_store(model, prompts, params, batch: int = 32):
 
 
 def _measure(gen, prompts, params, seed: int) -> dict:
-    policy = getattr(gen.mode, "controller", None)
+    policy = gen.budget_policy
     hist0 = len(getattr(policy, "history", []))
     t0 = time.perf_counter()
     out = gen.generate(prompts, params, torch.Generator().manual_seed(seed))
@@ -78,6 +78,7 @@ def _measure(gen, prompts, params, seed: int) -> dict:
     steps = list(out.steps)
     spec = [s for s in steps if s.n_verify > 1]
     w = sum(s.concurrency for s in spec) or 1
+    in_steps = sum(s.draft_time_s + s.verify_time_s for s in steps)
     n_spec = max(len(spec), 1)
     res = {"time_s": dt, "tokens": out.num_tokens, "mean_accepted_len": out.mean_accepted_len,
            "mean_tree_size": sum(s.n_verify * s.concurrency for s in spec) / w if spec else 1.0,
@@ -86,10 +87,10 @@ def _measure(gen, prompts, params, seed: int) -> dict:
            "ar_step_frac": sum(s.n_verify == 1 for s in steps) / max(len(steps), 1),
            "draft_ms_per_spec_step": 1e3 * sum(s.draft_time_s for s in spec) / n_spec,
            "verify_ms_per_spec_step": 1e3 * sum(s.verify_time_s for s in spec) / n_spec,
-           "ms_per_step": 1e3 * sum(s.draft_time_s + s.verify_time_s for s in steps) / max(len(steps), 1),
+           "ms_per_step": 1e3 * in_steps / max(len(steps), 1),
            # prefill, the draft's prompt catch-up, row drops, the engine's bookkeeping: what a
            # speculative mode pays on top of AR outside its steps
-           "outside_steps_ms": 1e3 * (dt - sum(s.draft_time_s + s.verify_time_s for s in steps)),
+           "outside_steps_ms": 1e3 * (dt - in_steps),
            "steps": len(steps), "spec_steps": len(spec)}
     ceiling = policy.ceiling_speedup(out) if hasattr(policy, "ceiling_speedup") else None
     if ceiling is not None:  # every step on the arm that measured best at its concurrency
@@ -159,9 +160,9 @@ def compare_modes(model, draft, prompts, params, c_peak: int, repeats: int = 3, 
         keys = [k for k in runs[m][0] if k not in ("time_s", "tokens")]
         out[m] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps,
                   **{k: statistics.median(x[k] for x in runs[m]) for k in keys}}
-        rates = getattr(getattr(gens[m].mode, "controller", None), "rates", None)
+        pol = gens[m].budget_policy
+        rates = getattr(pol, "rates", None)
         if rates:  # the cost model's measured tokens/s per arm and log2(rows) bucket (-1: never played)
-            pol = gens[m].mode.controller
             out[m]["arm_rates"] = {"arms": [list(a) if a else "ar" for a in pol.arms],
                                    "by_log2_rows": {str(k): [round(r, 1) if r is not None else -1 for r in v]
                                                     for k, v in sorted(rates.items())}}

@@ -245,23 +245,28 @@ class CostModelPolicy:
     def any_rank_active(self) -> bool:
         return False
 
-    def current_rates(self, bucket: int) -> list[float | None]:
-        """The bucket's rates at today's draft: a draft shape rated at tokens-per-row n when the
-        first-node acceptance was alpha0 is read as rate x (1 + (n - 1) alpha / alpha0) / n. One
-        rated when the draft accepted almost nothing (alpha0 < MIN_ALPHA) says nothing about
+    def _per_row_now(self, n: float, alpha0: float) -> float:
+        """Tokens per row n measured at first-node acceptance alpha0, read at today's alpha."""
+        return 1 + (n - 1) * self.alpha / alpha0
+
+    def current_rate(self, bucket: int, arm: int) -> float | None:
+        """The bucket's rate of ``arm`` at today's draft: a draft shape rated at tokens-per-row n
+        when the first-node acceptance was alpha0 is read as rate x (1 + (n - 1) alpha / alpha0) / n.
+        One rated when the draft accepted almost nothing (alpha0 < MIN_ALPHA) says nothing about
         today's once alpha has reached 2 x MIN_ALPHA: unknown, so it is tried again."""
-        rates, basis = self.rates.get(bucket, []), self.rate_basis.get(bucket, [])
-        out = list(rates)
-        for i, r in enumerate(rates):
-            then = basis[i] if i < len(basis) else None
-            if not i or r is None or then is None or self.alpha is None:
-                continue
-            n, alpha0 = then
-            if alpha0 >= MIN_ALPHA:
-                out[i] = r * (1 + (n - 1) * self.alpha / alpha0) / n
-            elif self.alpha >= 2 * MIN_ALPHA:
-                out[i] = None
-        return out
+        r = self.rates[bucket][arm]
+        basis = self.rate_basis.get(bucket)
+        then = basis[arm] if basis else None
+        if not arm or r is None or then is None or self.alpha is None:
+            return r
+        n, alpha0 = then
+        if alpha0 >= MIN_ALPHA:
+            return r * self._per_row_now(n, alpha0) / n
+        return None if self.alpha >= 2 * MIN_ALPHA else r
+
+    def current_rates(self, bucket: int) -> list[float | None]:
+        """``current_rate`` of every arm in the bucket ([] for a bucket never seen)."""
+        return [self.current_rate(bucket, i) for i in range(len(self.rates.get(bucket, [])))]
 
     def _pick_arm(self, bucket: int) -> int:
         measured = self.rates.setdefault(bucket, [None] * len(self.arms))
@@ -319,7 +324,7 @@ class CostModelPolicy:
             seen = self.arm_stats.get(arm)
             per_row = seen[0] if seen else None
         elif prev is not None and prev[1] >= MIN_ALPHA and self.alpha is not None:
-            n_now = 1 + (prev[0] - 1) * self.alpha / prev[1]
+            n_now = self._per_row_now(*prev)
             per_row = n_now + 0.25 * (per_row - n_now)
         basis[arm] = None if per_row is None or self.alpha is None else (per_row, self.alpha)
 
@@ -369,7 +374,7 @@ class CostModelPolicy:
         rates = self.rates.get(self._bucket)
         if rates is not None:
             r = tokens / max(draft_s + verify_s, 1e-9)
-            old = self.current_rates(self._bucket)[self._arm]  # the stale rate read at today's draft
+            old = self.current_rate(self._bucket, self._arm)  # the stale rate read at today's draft
             rates[self._arm] = r if old is None else old + 0.25 * (r - old)
             if self._arm:
                 self._rebase(self._bucket, self._arm, tokens / b)
