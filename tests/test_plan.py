@@ -23,7 +23,7 @@ from fastgrpo.plan import (
     stage_params,
     with_dp_from_world,
 )
-from fastgrpo.rollout.budget import BudgetParams, compute_budget
+from fastgrpo.rollout.budget import Budget, BudgetParams, compute_budget
 
 L70 = ARCH_PRESETS["llama3-70b"]
 
@@ -195,7 +195,15 @@ def test_plan_matches_rollout_allocations(tiny):
     draft = EagleDraft(model)
     trainable = [p for p in draft.parameters() if p.requires_grad]
     assert draft_params(arch, Options(draft="eagle")) == sum(p.numel() for p in trainable)
+    # The proposer allocates lazily and grows its pending buffers: drive it to its worst case (a
+    # proposal with every row live, after a whole rollout of AR steps queued pending pairs).
     prop = EagleProposer(draft, rows, s_max, slots)
+    prompts = [list(range(1, shape.prompt_len + 1))] * rows
+    h = torch.zeros(rows, shape.prompt_len, arch.hidden_size)
+    prop.start(prompts, h, torch.ones(rows, dtype=torch.long))
+    for _ in range(s_max - shape.prompt_len):
+        prop.observe(h[:, :1], torch.ones(rows, 1, dtype=torch.long), torch.ones(rows, dtype=torch.long))
+    prop.propose(torch.ones(rows, dtype=torch.long), Budget(4, 1, 1))
     assert eagle["draft kv cache"] == tensor_bytes([*prop.cache.keys, *prop.cache.values, prop.cache.lengths])
     assert eagle["draft buffers"] == tensor_bytes([prop.pend_h, prop.pend_tok, prop.pend_len])
     assert eagle["draft heads"] == 0 and eagle["features"] == rows * 30 * arch.hidden_size * 4

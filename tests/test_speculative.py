@@ -239,6 +239,48 @@ def test_draft_prefill_shared_by_a_prompt_group_equals_one_per_row(model, monkey
     assert torch.equal(grouped.cache.lengths, rows.cache.lengths)
 
 
+def test_draft_runs_nothing_until_its_first_proposal_then_shares_group_prefill(model, monkeypatch):
+    """While the budget policy steps aside the draft only queues pairs: no draft forward and no
+    draft KV cache. Its first proposal (here after AR steps and a dropped row) feeds the prompt
+    pairs each live prompt group shares once; the proposals equal a draft fed row by row."""
+    import fastgrpo.draft.proposer as proposer_mod
+    from fastgrpo.rollout.budget import Budget
+
+    draft = bad_draft(model, seed=7)
+    calls = []
+    draft.register_forward_hook(lambda *a: calls.append(1))
+    prompts = [[1, 2, 3, 4], [5, 6], [1, 2, 3, 4], [5, 6], [1, 2, 3, 4]]
+    runner = HFTargetRunner(model, len(prompts), 64)
+    _, hidden = runner.prefill(prompts)
+    first = torch.tensor([3, 4, 5, 6, 7])
+    g = torch.Generator().manual_seed(8)
+    steps = [(torch.randn(5, 1, model.config.hidden_size, generator=g),
+              torch.randint(1, model.config.vocab_size, (5, 1), generator=g)) for _ in range(40)]
+
+    def drive(prop):
+        prop.start(prompts, hidden, first)
+        live = torch.arange(5)
+        for i, (h, tok) in enumerate(steps):  # 40 AR steps: the pending buffers must grow
+            prop.observe(h[live], tok[live], torch.ones(len(live), dtype=torch.long))
+            if i == 2:
+                prop.drop_rows(torch.tensor([1]))
+                live = torch.tensor([0, 2, 3, 4])
+        return prop.propose(steps[-1][1][live, 0], Budget(9, 3, 3))
+
+    grouped = EagleProposer(draft, len(prompts), 64, 9)
+    grouped.start(prompts, hidden, first)
+    for h, tok in steps[:5]:
+        grouped.observe(h, tok, torch.ones(5, dtype=torch.long))
+    assert not calls and grouped.cache is None and grouped.pend_h is None  # stepping aside: no draft work
+    t1 = drive(EagleProposer(draft, len(prompts), 64, 9))
+    assert calls
+    monkeypatch.setattr(proposer_mod, "group_prompts", lambda p: ([list(x) for x in p], torch.arange(len(p))))
+    rows = EagleProposer(draft, len(prompts), 64, 9)
+    t2 = drive(rows)
+    assert torch.equal(t1.tokens, t2.tokens) and torch.equal(t1.parent, t2.parent)
+    torch.testing.assert_close(t1.score, t2.score, atol=1e-5, rtol=1e-5)
+
+
 def test_draft_catch_up_root_logprobs_equal_a_full_draft_forward(model):
     """The catch-up computes the head only at each row's last pending pair (the root): its
     log-probs equal an uncached causal forward of the draft over the row's whole prompt."""
