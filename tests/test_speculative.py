@@ -242,8 +242,10 @@ def test_draft_prefill_shared_by_a_prompt_group_equals_one_per_row(model, monkey
 def test_draft_runs_nothing_until_its_first_proposal_then_shares_group_prefill(model, monkeypatch):
     """While the budget policy steps aside the draft only queues pairs: no draft forward and no
     draft KV cache. Its first proposal (here after AR steps and a dropped row) feeds the prompt
-    pairs each live prompt group shares once; the proposals equal a draft fed row by row."""
+    pairs each live prompt group shares once; the proposals, then those after more AR steps than
+    the pending buffers were sized for, equal a draft fed row by row whose buffers never grow."""
     import fastgrpo.draft.proposer as proposer_mod
+    from fastgrpo.draft.proposer import PENDING_HEADROOM
     from fastgrpo.rollout.budget import Budget
 
     draft = bad_draft(model, seed=7)
@@ -255,30 +257,40 @@ def test_draft_runs_nothing_until_its_first_proposal_then_shares_group_prefill(m
     first = torch.tensor([3, 4, 5, 6, 7])
     g = torch.Generator().manual_seed(8)
     steps = [(torch.randn(5, 1, model.config.hidden_size, generator=g),
-              torch.randint(1, model.config.vocab_size, (5, 1), generator=g)) for _ in range(40)]
+              torch.randint(1, model.config.vocab_size, (5, 1), generator=g)) for _ in range(60)]
 
     def drive(prop):
         prop.start(prompts, hidden, first)
         live = torch.arange(5)
-        for i, (h, tok) in enumerate(steps):  # 40 AR steps: the pending buffers must grow
+        trees = []
+        for i, (h, tok) in enumerate(steps):
             prop.observe(h[live], tok[live], torch.ones(len(live), dtype=torch.long))
             if i == 2:
                 prop.drop_rows(torch.tensor([1]))
                 live = torch.tensor([0, 2, 3, 4])
-        return prop.propose(steps[-1][1][live, 0], Budget(9, 3, 3))
+            if i in (4, 59):  # the first proposal; then more AR steps than its buffers were sized for
+                trees.append(prop.propose(tok[live, 0], Budget(9, 3, 3)))
+                prop.observe(h[live], tok[live], torch.ones(len(live), dtype=torch.long))
+        return trees
 
-    grouped = EagleProposer(draft, len(prompts), 64, 9)
+    grouped = EagleProposer(draft, len(prompts), 96, 9)
     grouped.start(prompts, hidden, first)
     for h, tok in steps[:5]:
         grouped.observe(h, tok, torch.ones(5, dtype=torch.long))
     assert not calls and grouped.cache is None and grouped.pend_h is None  # stepping aside: no draft work
-    t1 = drive(EagleProposer(draft, len(prompts), 64, 9))
+    grouped = EagleProposer(draft, len(prompts), 96, 9)
+    t1 = drive(grouped)
     assert calls
+    assert grouped.pend_h.shape[1] == 2 * (4 + 5 + PENDING_HEADROOM)  # sized at the first proposal, doubled
+    # The reference: fed row by row, its pending buffers sized to max_len at once (never grown).
     monkeypatch.setattr(proposer_mod, "group_prompts", lambda p: ([list(x) for x in p], torch.arange(len(p))))
-    rows = EagleProposer(draft, len(prompts), 64, 9)
+    monkeypatch.setattr(proposer_mod, "PENDING_HEADROOM", 96)
+    rows = EagleProposer(draft, len(prompts), 96, 9)
     t2 = drive(rows)
-    assert torch.equal(t1.tokens, t2.tokens) and torch.equal(t1.parent, t2.parent)
-    torch.testing.assert_close(t1.score, t2.score, atol=1e-5, rtol=1e-5)
+    assert rows.pend_h.shape[1] == 96
+    for a, b in zip(t1, t2):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parent, b.parent)
+        torch.testing.assert_close(a.score, b.score, atol=1e-5, rtol=1e-5)
 
 
 def test_draft_catch_up_root_logprobs_equal_a_full_draft_forward(model):

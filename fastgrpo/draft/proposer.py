@@ -46,10 +46,11 @@ class EagleProposer:
         self.row_prompt = torch.zeros(max_batch, dtype=torch.long, device=p.device)
         self.shared_pairs: torch.Tensor | None = None
         self.rows = 0
-        self._pend_max = 0  # an upper bound on any row's pending pairs past its prompt (or, once
-        # the buffers exist, since the last catch-up)
-        self._start = None
-        self._queued: list[tuple] = []
+        # An upper bound on any row's pending pairs: past its prompt until the first catch-up, then
+        # since the last one (observe adds each step's width; a catch-up resets it).
+        self._pend_max = 0
+        self._start = None  # start()'s arguments until the first catch-up
+        self._queued: list[tuple] = []  # observe()'s arguments until the pending buffers exist
 
     # ---- keeping in step with the target ---------------------------------------------------
     def start(self, prompts: list[list[int]], hidden: torch.Tensor, first_tokens: torch.Tensor) -> None:
@@ -62,7 +63,7 @@ class EagleProposer:
         self.rows = len(prompts)
         self.cache = self.pend_h = self.pend_tok = None
         self._start = (prompts, hidden, first_tokens)
-        self._queued: list[tuple] = []  # observe()'s arguments until the buffers exist
+        self._queued = []
         self._pend_max = 0
         unique, index = group_prompts(prompts)
         self.row_prompt[: self.rows] = index.to(self.device)
@@ -71,11 +72,10 @@ class EagleProposer:
     def observe(self, hidden: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> None:
         """Queue (target hidden at each accepted node, the token emitted after it) per row."""
         slots = self.slot[: tokens.shape[0]]
+        self._pend_max += tokens.shape[1]
         if self.pend_h is None:  # no proposal yet: keep references (the engine never reuses them)
             self._queued.append((slots.clone(), hidden, tokens, counts))
-            self._pend_max += tokens.shape[1]
             return
-        self._pend_max += tokens.shape[1]
         self._reserve(self._pend_max)
         self._write(slots, hidden, tokens, counts)
 
