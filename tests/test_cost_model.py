@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from fastgrpo.rollout.cost_model import (
@@ -216,3 +217,53 @@ def test_a_shape_rated_when_the_draft_accepted_nothing_is_tried_again_once_it_do
     assert pol.alpha >= 0.1
     assert pol.current_rates(3)[1:] == [None] * (arms - 1)
     assert pol.budget(8).speculative and pol._arm == 1  # re-measured, not scaled from nothing
+
+
+def test_a_draft_arm_waits_until_its_backlog_catch_up_would_be_repaid():
+    """A proposal that must first feed the draft a backlog (a prefill of the draft) is played
+    only when the catch-up's predicted time is at most PROBE_SHARE of the rollout's remaining
+    time (an untried arm), or the share an arm that beats AR saves; before any rollout ended,
+    the remaining time is taken as what this rollout took so far."""
+    from fastgrpo.rollout.cost_model import PROBE_SHARE
+
+    pol = CostModelPolicy(CostModelParams(t_max=8, k_max=4, l_max=3, probe_every=1000), target=LatencyCurve())
+    pol.catch_up = LatencyCurve([(1.0, 1e-5), (1000.0, 0.01)])  # 10 us a pair
+    b, ar_step = 8, 0.01
+    pol.start_rollout()
+    first_spec = None
+    for i in range(300):
+        pol.note_backlog(b * (100 + i))  # every AR step adds a pair a row
+        if pol.budget(b).speculative:
+            first_spec = i
+            break
+        pol.observe(None, None, None, b, verify_s=ar_step)
+    # step i waits until i x 10 ms x PROBE_SHARE >= 8 x (100 + i) x 10 us
+    expect = next(i for i in range(300) if i * ar_step * PROBE_SHARE >= pol.catch_up_seconds(b * (100 + i)))
+    assert first_spec == expect >= 3
+    # A backlog of at most one speculative step's pairs a row never holds a draft arm back.
+    pol2 = CostModelPolicy(CostModelParams(t_max=8, k_max=4, l_max=3, probe_every=1000), target=LatencyCurve())
+    pol2.catch_up = pol.catch_up
+    pol2.start_rollout()
+    assert not pol2.budget(b).speculative  # AR is measured first
+    pol2.observe(None, None, None, b, verify_s=ar_step)
+    pol2.note_backlog(b * 4)
+    assert pol2.budget(b).speculative
+    # The rollout's end records the time still to come after each bucket's steps (mean over them).
+    pol3 = CostModelPolicy(CostModelParams(t_max=8, k_max=4, l_max=3, probe_every=1000), target=LatencyCurve())
+    pol3.start_rollout()
+    for rows, seconds in ((8, 0.03), (8, 0.02), (2, 0.01), (1, 0.005)):
+        pol3.budget(rows)
+        pol3.observe(None, None, None, rows, verify_s=seconds)
+    pol3.end_rollout()
+    assert pol3.remaining == pytest.approx({3: (0.035 + 0.015) / 2, 1: 0.005, 0: 0.0})
+    # A shape that measured twice AR's rate may spend half the remaining time catching up.
+    pol3.rates[3] = [100.0, 200.0] + [50.0] * (len(pol3.arms) - 2)
+    pol3.catch_up = LatencyCurve([(1.0, 0.03e-3), (1000.0, 0.03)])  # 30 us a pair
+    pol3.start_rollout()
+    pol3.note_backlog(800)  # predicted 0.024 s <= 0.5 x 0.025 s? no: 0.0125
+    assert not pol3.budget(8).speculative
+    pol3.note_backlog(400)  # 0.012 s <= 0.0125 s
+    assert pol3.budget(8).speculative and pol3._arm == 1
+    again = CostModelPolicy(CostModelParams(t_max=8, k_max=4, l_max=3, probe_every=1000), target=LatencyCurve())
+    again.load_state_dict(pol3.state_dict())
+    assert again.remaining == pol3.remaining and again.catch_up_seconds(500) == pol3.catch_up_seconds(500)

@@ -293,6 +293,34 @@ def test_draft_runs_nothing_until_its_first_proposal_then_shares_group_prefill(m
         torch.testing.assert_close(a.score, b.score, atol=1e-5, rtol=1e-5)
 
 
+def test_draft_backlog_is_what_its_catch_up_feeds(model):
+    """``backlog()`` (what the cost model prices before a proposal) counts the padded pairs the
+    next catch-up feeds: at the first one the shared prompt pairs once per group plus each row's
+    own, later each row's pairs since; ``last_catch_up`` reports them with the time taken."""
+    draft = bad_draft(model, seed=7)
+    fed = []
+    draft.register_forward_pre_hook(lambda mod, args: fed.append(args[1].numel()))
+    prompts = [[1, 2, 3, 4], [5, 6], [1, 2, 3, 4], [5, 6], [1, 2, 3, 4]]
+    runner = HFTargetRunner(model, len(prompts), 64)
+    _, hidden = runner.prefill(prompts)
+    prop = EagleProposer(draft, len(prompts), 64, 9)
+    prop.start(prompts, hidden, torch.tensor([3, 4, 5, 6, 7]))
+    h = torch.randn(5, 1, model.config.hidden_size)
+    for _ in range(3):
+        prop.observe(h, torch.ones(5, 1, dtype=torch.long), torch.ones(5, dtype=torch.long))
+    assert prop.backlog() == 2 * 3 + 5 * (1 + 3)  # 2 groups x 3 shared pairs, 5 rows x (own + 3)
+    prop._catch_up()
+    assert sum(fed) == 26 and prop.last_catch_up[0] == 26 and prop.last_catch_up[1] > 0
+    assert prop.backlog() == 0
+    prop.observe(h, torch.ones(5, 1, dtype=torch.long), torch.ones(5, dtype=torch.long))
+    prop.drop_rows(torch.tensor([1]))
+    prop.observe(h[:4].repeat(1, 2, 1), torch.ones(4, 2, dtype=torch.long), torch.tensor([2, 1, 2, 2]))
+    fed.clear()
+    assert prop.backlog() == 4 * 3
+    prop._catch_up()
+    assert sum(fed) == 12 == prop.last_catch_up[0]
+
+
 def test_draft_catch_up_root_logprobs_equal_a_full_draft_forward(model):
     """The catch-up computes the head only at each row's last pending pair (the root): its
     log-probs equal an uncached causal forward of the draft over the row's whole prompt."""
@@ -414,3 +442,21 @@ def test_suffix_proposer_drafts_from_other_prompts_responses():
     assert trie[(7, 8)] == pytest.approx(math.log(2 / 3))
     prop.drop_rows(torch.tensor([0]))
     assert len(store.recent) == 3  # record=False: the store only read
+
+
+def test_cost_model_hears_each_steps_backlog_and_learns_the_rollouts_remaining_time(model):
+    """The speculative step tells the cost model the proposer's backlog before every budget, the
+    catch-ups' measured time after drafting, and the rollout's start and end (whence the time
+    still to come after each concurrency bucket)."""
+    gen = spec_generator(model, EagleDraft(model), "cost_model")
+    pol = gen.budget_policy
+    seen = []
+    note = pol.note_backlog
+    pol.note_backlog = lambda n: (seen.append(n), note(n))
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    for _ in range(2):  # the second rollout reads the first's remaining time
+        seen.clear()
+        out = gen.generate(PROMPTS, params)
+        assert len(seen) == len(out.steps) and seen[0] > 0
+    assert set(pol.remaining) == {s.concurrency.bit_length() - 1 for s in out.steps}
+    assert any(s.n_verify > 1 for s in out.steps) and pol.catch_up.known

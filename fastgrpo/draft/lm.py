@@ -26,6 +26,7 @@ the learner distils over the ids both have.
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -60,6 +61,7 @@ class LMProposer:
         self.pend_len = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.rows = 0
         self.vocab_size = vocab_size
+        self.last_catch_up: tuple[int, float] | None = None  # (tokens fed, seconds) by the last propose
 
     # ---- keeping in step with the target ---------------------------------------------------
     def start(self, prompts: list[list[int]], hidden: torch.Tensor, first_tokens: torch.Tensor) -> None:
@@ -100,6 +102,10 @@ class LMProposer:
         self.runner.release()
         self.pend_tok = self.pend_len = None
 
+    def backlog(self) -> int:
+        """The tokens the next proposal feeds the draft before drafting, padded to the longest row."""
+        return self.rows * int(self.pend_len[: self.rows].max()) if self.rows else 0
+
     # ---- proposing -------------------------------------------------------------------------
     def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -111,6 +117,7 @@ class LMProposer:
     def _catch_up(self) -> torch.Tensor:
         """Feed and cache every row's pending tokens (ragged: padded, a causal chain, only the
         valid count committed); returns the draft's log-probs after each row's last one."""
+        t0 = time.perf_counter()
         b = self.rows
         counts = self.pend_len[:b].clone()
         n = int(counts.max())
@@ -121,6 +128,7 @@ class LMProposer:
         self.runner.commit(offsets, counts)  # padded slots lie past the new length: dropped
         self.pend_len[:b] = 0
         last = hidden[torch.arange(b, device=dev), (counts - 1).clamp(min=0)]
+        self.last_catch_up = (b * n, time.perf_counter() - t0)
         return self._logprobs(self.runner.lm_head(last))
 
     @torch.no_grad()

@@ -14,6 +14,8 @@ pairs a prompt group shares once (GRPO's G samples), whenever it comes.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from fastgrpo.draft.beam import expand_tree
@@ -51,6 +53,10 @@ class EagleProposer:
         self._pend_max = 0
         self._start = None  # start()'s arguments until the first catch-up
         self._queued: list[tuple] = []  # observe()'s arguments until the pending buffers exist
+        # The first catch-up's padded pairs: (shared prompt pairs, fed once per prompt group; pairs
+        # a row feeds on its own besides what observe queued)
+        self._first_feed = (0, 0)
+        self.last_catch_up: tuple[int, float] | None = None  # (pairs fed, seconds) by the last propose
 
     # ---- keeping in step with the target ---------------------------------------------------
     def start(self, prompts: list[list[int]], hidden: torch.Tensor, first_tokens: torch.Tensor) -> None:
@@ -68,6 +74,16 @@ class EagleProposer:
         unique, index = group_prompts(prompts)
         self.row_prompt[: self.rows] = index.to(self.device)
         self.shared_pairs = torch.tensor([len(p) - 1 for p in unique], device=self.device)
+        grouped = len(unique) < self.rows
+        self._first_feed = (len(unique) * (max(len(p) for p in unique) - 1), 1) if grouped else (0, width)
+
+    def backlog(self) -> int:
+        """The pairs the next proposal feeds the draft before drafting, padded to the longest row
+        (at the first proposal an upper bound: every prompt group still live)."""
+        if self.cache is None and self._start is not None:
+            shared, own = self._first_feed
+            return shared + self.rows * (own + self._pend_max)
+        return self.rows * self._pend_max
 
     def observe(self, hidden: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> None:
         """Queue (target hidden at each accepted node, the token emitted after it) per row."""
@@ -199,9 +215,11 @@ class EagleProposer:
     @torch.no_grad()
     def _catch_up(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed the pending pairs; returns the draft's (hidden, log-probs) at each row's last one."""
+        t0, pairs = time.perf_counter(), self.backlog()
         if self.cache is None:
             self._first_catch_up()
         h_root = self._feed(self.slot[: self.rows])
+        self.last_catch_up = (pairs, time.perf_counter() - t0)
         return h_root, self.draft.logits(h_root).float().log_softmax(-1)
 
     @torch.no_grad()

@@ -259,6 +259,13 @@ class HybridProposer:
         self.eagle.release()
         self.suffix.release()
 
+    def backlog(self) -> int:
+        return self.eagle.backlog()
+
+    @property
+    def last_catch_up(self):
+        return self.eagle.last_catch_up
+
     def propose(self, roots: torch.Tensor, budget: Budget) -> TreeBatch:
         e = self.eagle.propose(roots, budget)
         depth = max(min(budget.depth, budget.n_verify - 1), 1)

@@ -156,6 +156,10 @@ class Proposer(Protocol):
     def release(self) -> None:
         """Free the draft's caches."""
 
+    # Optional, for budget policies that price the draft's catch-up (a model-free proposer has
+    # none): ``backlog() -> int``, the pairs the next ``propose`` feeds its draft before drafting
+    # (padded to the longest row), and ``last_catch_up``, (pairs, seconds) of the last one.
+
 
 ProposerFactory = Callable[[int, int, int], Proposer]  # (max_batch, max_len, tree_slots) -> proposer
 
@@ -167,8 +171,10 @@ class BudgetPolicy(Protocol):
     def budget(self, concurrency: int) -> Budget:
         """This step's budget for ``concurrency`` live rows (collective when aggregated over ranks)."""
 
-    def choose_tree(self, tree: TreeBatch, concurrency: int, draft_s: float) -> TreeBatch:
-        """The proposed tree, possibly cut to the size that pays."""
+    def choose_tree(self, tree: TreeBatch, concurrency: int, draft_s: float,
+                    catch_up: tuple[int, float] | None = None) -> TreeBatch:
+        """The proposed tree, possibly cut to the size that pays. ``catch_up``: the proposer's
+        ``last_catch_up`` (pairs fed, seconds), part of ``draft_s``."""
 
     def observe(self, tree: TreeBatch | None, path, path_len, concurrency: int, verify_s: float) -> None:
         """What the step accepted and cost (tree None: an AR step)."""

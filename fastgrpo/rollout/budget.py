@@ -219,7 +219,7 @@ class BudgetController:
 
     # -- the speculative step's hooks (the cost-model policy uses them; this one needs neither) --
 
-    def choose_tree(self, tree, b: int, draft_s: float):
+    def choose_tree(self, tree, b: int, draft_s: float, catch_up=None):
         return tree
 
     def observe(self, tree, path, path_len, b: int, verify_s: float) -> None:

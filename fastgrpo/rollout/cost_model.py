@@ -3,17 +3,19 @@ expected tokens emitted per second, plain AR when no tree beats AR.
 
     rate(T) = sum_b E[accepted_b(T)] / (d(draft) + c(B * T))      T = tokens verified per row
 
-- ``LatencyCurve`` is c (and, per draft depth, d): seconds as a function of tokens per forward,
+- ``LatencyCurve`` (fastgrpo.rollout.cost_curves) is c (and, per draft depth, d): seconds as a function of tokens per forward,
   piecewise linear through one running point per power-of-two bucket, seeded from the profiler's
   sweep when there is one and refined from every engine step's measured time (so a run without a
   profile converges to the same decisions: the paper's open question 4).
-- ``AcceptanceModel`` is E[accepted]: the probability that a drafted node ends on the accepted
+- ``AcceptanceModel`` (cost_curves) is E[accepted]: the probability that a drafted node ends on the accepted
   path given its depth and its draft probability (exp of the cumulative draft log-prob),
   calibrated online from every verification, saved with the draft.
 - ``CostModelPolicy`` decides twice per step: before drafting, AR or which draft shape (the arm
   whose measured tokens per second at this concurrency is best), and after, how many of the
   drafted nodes to verify (from this step's calibrated node probabilities and the latency curve;
-  ``prune_tree`` keeps the best ones).
+  ``prune_tree`` keeps the best ones). A draft arm whose proposal must first feed the draft a
+  backlog (its first catch-up of a rollout, a prefill of the draft) plays only when the
+  catch-up's predicted time is repaid within the rollout's remaining time.
 
 Trees are verified as one ``[B, T]`` block, so every row gets the same T: a row with fewer
 nodes would be padded to T and cost the same. The policy therefore chooses T for the batch, and
@@ -23,138 +25,22 @@ within a row the nodes by their calibrated probability.
 from __future__ import annotations
 
 import bisect
-import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 
 from fastgrpo.rollout.budget import AR_BUDGET, Budget
+from fastgrpo.rollout.cost_curves import AcceptanceModel, LatencyCurve
 
 # Below this first-node acceptance a draft shape's measured rate is not rescaled by the draft's
 # progress (CostModelPolicy.current_rates): it is re-measured once the draft is useful.
 MIN_ALPHA = 0.05
-# Draft-probability bin edges: fine near 1, where confident drafts live.
-PROB_EDGES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001)
-
-
-class LatencyCurve:
-    """seconds(tokens): one running (tokens, seconds) point per power-of-two bucket of token
-    counts, linear between points, rising beyond them at the last segment's slope.
-
-    A seed (the profiler's sweep) gives the curve's shape where nothing was measured yet, scaled
-    by how measured steps compare with it (the machine may be busier or the KV longer than when
-    it was profiled), so measured and seeded buckets stay on one scale."""
-
-    def __init__(self, points: list[tuple[float, float]] | None = None, ema: float = 0.2, buckets: int = 16):
-        self.ema = ema
-        self.n = [0.0] * buckets
-        self.t = [0.0] * buckets
-        self.seen = [0] * buckets
-        self.seed: list[tuple[float, float]] = sorted((float(n), float(t)) for n, t in points or [] if t > 0)
-        self.scale = 1.0  # measured / seeded seconds (EMA)
-
-    @staticmethod
-    def _bucket(n: float, buckets: int) -> int:
-        return min(max(int(math.log2(max(n, 1.0))), 0), buckets - 1)
-
-    def update(self, tokens: float, seconds: float) -> None:
-        if not (seconds > 0 and math.isfinite(seconds)):
-            return
-        if self.seed:
-            ratio = seconds / max(_interpolate(self.seed, tokens), 1e-12)
-            self.scale = ratio if not any(self.seen) else self.scale + self.ema * (ratio - self.scale)
-        k = self._bucket(tokens, len(self.n))
-        w = 1.0 if self.seen[k] == 0 else self.ema
-        self.n[k] += w * (tokens - self.n[k])
-        self.t[k] += w * (seconds - self.t[k])
-        self.seen[k] += 1
-
-    @property
-    def known(self) -> bool:
-        return bool(self.seed) or any(self.seen)
-
-    def points(self) -> list[tuple[float, float]]:
-        measured = {self._bucket(n, len(self.n)): (n, t) for n, t, s in zip(self.n, self.t, self.seen) if s}
-        seeded = {self._bucket(n, len(self.n)): (n, t * self.scale) for n, t in self.seed}
-        return sorted({**seeded, **measured}.values())
-
-    def predict(self, tokens: float) -> float:
-        return self.predict_many([tokens])[0]
-
-    def predict_many(self, tokens: list[float]) -> list[float]:
-        """``predict`` for several token counts, from one read of the points."""
-        pts = self.points()
-        if not pts:
-            return [0.0] * len(tokens)
-        if len(pts) == 1:  # one point: assume cost grows like sqrt(tokens) past it (a soft knee)
-            n0, t0 = pts[0]
-            return [t0 * math.sqrt(max(n, 1.0) / n0) if n > n0 else t0 for n in tokens]
-        return [_interpolate(pts, n) for n in tokens]
-
-    def state_dict(self) -> dict:
-        return {"n": list(self.n), "t": list(self.t), "seen": list(self.seen),
-                "seed": [list(p) for p in self.seed], "scale": self.scale}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.n, self.t, self.seen = list(s["n"]), list(s["t"]), list(s["seen"])
-        self.seed, self.scale = [tuple(p) for p in s.get("seed", [])], float(s.get("scale", 1.0))
-
-
-def _interpolate(pts: list[tuple[float, float]], tokens: float) -> float:
-    """Piecewise linear through sorted (tokens, seconds) points; flat below the first, the last
-    segment's (non-negative) slope beyond the last."""
-    if len(pts) == 1 or tokens <= pts[0][0]:
-        return pts[0][1]
-    for (n0, t0), (n1, t1) in itertools.pairwise(pts):
-        if tokens <= n1:
-            return t0 + (t1 - t0) * (tokens - n0) / max(n1 - n0, 1e-9)
-    (n0, t0), (n1, t1) = pts[-2], pts[-1]
-    slope = max((t1 - t0) / max(n1 - n0, 1e-9), 0.0)
-    return t1 + slope * (tokens - n1)
-
-
-class AcceptanceModel:
-    """P(node accepted | depth, draft probability bin), Beta-smoothed counts with a prior at the
-    bin's own draft probability, decayed so that it follows the draft as it learns."""
-
-    def __init__(self, max_depth: int = 8, prior_weight: float = 2.0, max_count: float = 5000.0):
-        edges = torch.tensor(PROB_EDGES, dtype=torch.float64)
-        self.edges = edges
-        centers = ((edges[1:] + edges[:-1]) / 2).clamp(max=1.0)
-        self.max_depth = max_depth
-        self.max_count = max_count
-        self.acc = (prior_weight * centers).repeat(max_depth + 1, 1)
-        self.tot = torch.full_like(self.acc, prior_weight)
-
-    def _index(self, depth: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        prob = score.double().exp()
-        b = torch.bucketize(prob, self.edges[1:-1].to(prob.device), right=True)
-        return depth.clamp(0, self.max_depth).cpu(), b.cpu()
-
-    def prob(self, depth: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        d, b = self._index(depth, score)
-        return (self.acc[d, b] / self.tot[d, b]).float()
-
-    def update(self, depth: torch.Tensor, score: torch.Tensor, accepted: torch.Tensor) -> None:
-        """depth, score, accepted: 1-D over the verified (non-root) nodes."""
-        if depth.numel() == 0:
-            return
-        d, b = self._index(depth, score)
-        flat = d * self.acc.shape[1] + b
-        self.acc.view(-1).index_add_(0, flat, accepted.double().cpu())
-        self.tot.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
-        big = self.tot > self.max_count
-        if bool(big.any()):
-            scale = torch.where(big, self.max_count / self.tot, torch.ones_like(self.tot))
-            self.acc *= scale
-            self.tot *= scale
-
-    def state_dict(self) -> dict:
-        return {"acc": self.acc.clone(), "tot": self.tot.clone()}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.acc, self.tot = s["acc"].clone().double(), s["tot"].clone().double()
+# The share of the rollout's remaining time a draft arm played to learn its rate (tried, or
+# replayed) may spend on catching the draft up on a backlog. Generous, because until a catch-up
+# was measured its time is predicted from the target's curve (several times the draft's), yet
+# small enough that a 1000-row evaluation does not prefill the draft for a few steps.
+PROBE_SHARE = 0.25
 
 
 def prune_tree(tree, num_nodes: int):
@@ -236,6 +122,11 @@ class CostModelPolicy:
         self._draft_s = 0.0
         self.last_prediction: dict | None = None
         self.history: list[dict] = []  # per step: predicted vs measured seconds (for plots)
+        self.catch_up = LatencyCurve()  # seconds of the draft's catch-up vs the pairs it feeds
+        self.remaining: dict[int, float] = {}  # bucket -> rollout seconds after a step there (EMA)
+        self._backlog = 0  # pairs the draft must feed before this step's proposal
+        self._rollout: list[tuple[int, float]] = []  # this rollout's steps: (bucket, seconds)
+        self._rollout_s = 0.0  # their sum
         self._sums = [0.0, 0.0, 0]  # predicted s, measured s, speculative steps (pop_metrics)
 
     # -- BudgetController's interface ------------------------------------------------------
@@ -335,16 +226,66 @@ class CostModelPolicy:
             return AR_BUDGET
         self._bucket = int(math.log2(b))
         self._arm = self._pick_arm(self._bucket)
+        # More than a speculative step's worth of pairs a row: the draft's catch-up is a prefill.
+        if self._arm and self._backlog > b * (self.params.l_max + 1) and not self._backlog_pays(self._bucket):
+            self._arm = 0
         shape = self.arms[self._arm]
         return AR_BUDGET if shape is None else Budget(self.params.t_max, shape[0], shape[1])
 
+    def catch_up_seconds(self, pairs: int) -> float:
+        """The predicted time of a draft catch-up over ``pairs`` (padded) pairs: its own curve once
+        measured, else a draft depth over as many tokens, else a target forward (an upper bound)."""
+        for curve in (self.catch_up, self.draft, self.target):
+            if curve.known:
+                return curve.predict(pairs)
+        return 0.0
+
+    def _backlog_pays(self, bucket: int) -> bool:
+        """Whether the chosen draft arm repays the catch-up its first proposal must do: the
+        catch-up's predicted seconds at most the share of the rollout's remaining time the arm
+        saves over AR (1 - AR's rate / the arm's), or PROBE_SHARE of it when the arm is played to
+        learn its rate. The remaining time is the bucket's EMA over earlier rollouts; before one
+        ended, the time this rollout has taken so far. (A 1000-row evaluation's first proposal
+        feeds the draft every prompt: seconds, for a few speculative steps.)"""
+        rates = self.current_rates(bucket)
+        ar, mine = rates[0], rates[self._arm]
+        share = max(PROBE_SHARE, 1.0 - ar / mine) if ar and mine else PROBE_SHARE
+        remaining = self.remaining.get(bucket)
+        if remaining is None:
+            remaining = self._rollout_s
+        return self.catch_up_seconds(self._backlog) <= share * remaining
+
     # -- the speculative step's hooks ------------------------------------------------------
-    def choose_tree(self, tree, b: int, draft_s: float):
+    def start_rollout(self) -> None:
+        self._rollout, self._rollout_s = [], 0.0
+
+    def end_rollout(self) -> None:
+        """Per concurrency bucket, the mean time the rollout still took after a step there."""
+        after, sums = 0.0, {}
+        for bucket, seconds in reversed(self._rollout):
+            total, n = sums.get(bucket, (0.0, 0))
+            sums[bucket] = (total + after, n + 1)
+            after += seconds
+        for bucket, (total, n) in sums.items():
+            prev = self.remaining.get(bucket)
+            self.remaining[bucket] = total / n if prev is None else prev + 0.25 * (total / n - prev)
+        self._rollout, self._rollout_s = [], 0.0
+
+    def note_backlog(self, pairs: int) -> None:
+        """Before ``budget``: the pairs the proposer would feed its draft before drafting."""
+        self._backlog = pairs
+
+    def choose_tree(self, tree, b: int, draft_s: float, catch_up: tuple[int, float] | None = None):
         """After drafting: keep the T-node trees (T chosen for the batch) that maximise
-        E[tokens] / (draft time + c(B*T)); T = 1 is an AR step with the drafted root."""
+        E[tokens] / (draft time + c(B*T)); T = 1 is an AR step with the drafted root.
+        ``catch_up``: (pairs fed, seconds) of the draft's catch-up inside ``draft_s``."""
         shape = self.arms[self._arm] or (1, 1)
         self._draft_s = draft_s
-        self.draft.update(b * shape[0], draft_s / shape[1])
+        fed_s = 0.0
+        if catch_up is not None and catch_up[0] > 0:
+            self.catch_up.update(*catch_up)
+            fed_s = min(catch_up[1], draft_s)
+        self.draft.update(b * shape[0], (draft_s - fed_s) / shape[1])
         p_node = self.acceptance.prob(tree.depth[:, 1:], tree.score[:, 1:])  # [B, T-1]
         p_node = torch.where(tree.score[:, 1:].isfinite().cpu(), p_node, 0.0)  # padding nodes
         order = tree.score[:, 1:].argsort(dim=1, descending=True).cpu()
@@ -379,6 +320,8 @@ class CostModelPolicy:
             if self._arm:
                 self._rebase(self._bucket, self._arm, tokens / b)
         self.target.update(b * t, verify_s)
+        self._rollout.append((self._bucket, draft_s + verify_s))
+        self._rollout_s += draft_s + verify_s
         pred = self.last_prediction if tree is not None else None
         predicted = pred["verify_s"] if pred else self.target.predict(b * t)
         self.history.append({"rows": b, "tree": t, "verify_s": verify_s, "predicted_verify_s": predicted})
@@ -419,7 +362,8 @@ class CostModelPolicy:
                 "acceptance": self.acceptance.state_dict(),
                 "rates": {str(k): [-1.0 if r is None else r for r in v] for k, v in self.rates.items()},
                 "rate_basis": {str(k): [None if r is None else list(r) for r in v] for k, v in self.rate_basis.items()},
-                "arm_stats": {str(k): list(v) for k, v in self.arm_stats.items()}, "alpha": self.alpha}
+                "arm_stats": {str(k): list(v) for k, v in self.arm_stats.items()}, "alpha": self.alpha,
+                "catch_up": self.catch_up.state_dict(), "remaining": {str(k): v for k, v in self.remaining.items()}}
 
     def load_state_dict(self, s: dict) -> None:
         self.target.load_state_dict(s["target"])
@@ -432,6 +376,9 @@ class CostModelPolicy:
                            for k, v in s.get("rate_basis", {}).items()}
         self.arm_stats = {int(k): (float(v[0]), float(v[1])) for k, v in s.get("arm_stats", {}).items()}
         self.alpha = s.get("alpha")
+        if "catch_up" in s:  # (absent from checkpoints before the backlog rule)
+            self.catch_up.load_state_dict(s["catch_up"])
+        self.remaining = {int(k): float(v) for k, v in s.get("remaining", {}).items()}
 
 
 def ar_rollout_seconds(rollouts, target: LatencyCurve) -> float:

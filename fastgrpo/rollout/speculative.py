@@ -36,12 +36,19 @@ class Speculative(DecodingMode):
         # The acceptance rule; tests swap in deliberately biased ones to show the statistics bite.
         self.verifier = verifier or verify_exact
         self.proposer = None
+        self._note_backlog = None
         # The budget policy behind budget_fn (None: budget_fn alone, no tree cuts, no peers).
         self.controller = controller
 
     def on_prefill(self, prompts, hidden, first_tokens, max_len):
         self.proposer = self.proposer_factory(len(prompts), max_len, self.draft_slots)
         self.proposer.start(prompts, hidden, first_tokens)
+        # A policy that prices the draft's catch-up hears the proposer's backlog before each budget.
+        note = getattr(self.controller, "note_backlog", None)
+        backlog = getattr(self.proposer, "backlog", None)
+        self._note_backlog = (lambda: note(backlog())) if note and backlog else None
+        if hasattr(self.controller, "start_rollout"):
+            self.controller.start_rollout()
 
     def on_rows_dropped(self, rows):
         self.proposer.drop_rows(rows)
@@ -56,12 +63,16 @@ class Speculative(DecodingMode):
                 return
 
     def on_finish(self):
+        if hasattr(self.controller, "end_rollout"):
+            self.controller.end_rollout()
         if self.proposer is not None:
             self.proposer.release()
             self.proposer = None
 
     def step(self, runner, last_tokens, params, draws):
         b = last_tokens.shape[0]
+        if self._note_backlog is not None:
+            self._note_backlog()
         budget = self.budget_fn(b)
         if not budget.speculative:
             # Step aside: exactly an AR step (same draws), the draft only queues what it will read.
@@ -73,7 +84,8 @@ class Speculative(DecodingMode):
         t0 = time.perf_counter()
         tree = self.proposer.propose(last_tokens, budget)
         if self.controller is not None:  # the cost model cuts the tree to the size that pays
-            tree = self.controller.choose_tree(tree, b, time.perf_counter() - t0)
+            tree = self.controller.choose_tree(tree, b, time.perf_counter() - t0,
+                                               getattr(self.proposer, "last_catch_up", None))
         t1 = time.perf_counter()
         logits, hidden = runner.forward(tree.tokens, tree.depth, tree.mask)
         logprobs = processed_logprobs(logits, params)
